@@ -1,0 +1,32 @@
+"""pytest-backprop: a pytest plugin and test kit for hand-written backward passes in PyTorch.
+
+The public helpers are imported lazily, so that loading the plugin never imports torch::
+
+    from pytest_backprop import assert_grad_matches, cmp, check_backward
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "assert_grad_matches": "pytest_backprop.compare",
+    "cmp": "pytest_backprop.compare",
+    "compare": "pytest_backprop.compare",
+    "Verdict": "pytest_backprop.verdict",
+    "Diagnosis": "pytest_backprop.verdict",
+    "check_backward": "pytest_backprop.custom",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_backprop' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,105 @@
+"""The built-in checks: run an implementation on the problem and turn its answers into verdicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reference_model.model import GRADIENT_ORDER, LINE_OF
+
+from .compare import compare
+from .diagnose import diagnose
+from .loaders import RunResult
+from .problem import Problem
+from .verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
+
+#: The gradients each exercise answers, in the order they are reported.
+EXERCISE_TENSORS: dict[str, tuple[str, ...]] = {
+    "ex1": GRADIENT_ORDER,
+    "ex2": ("logits",),
+    "ex3": ("hprebn",),
+}
+EXERCISE_TITLES = {
+    "ex1": "Exercise 1: backprop through every line",
+    "ex2": "Exercise 2: cross-entropy in one go",
+    "ex3": "Exercise 3: batchnorm in one go",
+    "ex4": "Exercise 4: training with your gradients",
+}
+
+
+def forward_line(tensor: str) -> str | None:
+    """The forward line that produced ``tensor`` (None for a parameter)."""
+    line = LINE_OF.get(tensor)
+    return line.source if line else None
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    shape = getattr(value, "shape", None)
+    try:
+        return tuple(int(s) for s in shape) if shape is not None else None
+    except TypeError:
+        return None
+
+
+def verdict_for(exercise: str, tensor: str, actual: Any, problem: Problem) -> Verdict:
+    """Compare one answer with the truth and diagnose it."""
+    expected = problem.grads[tensor]
+    result = compare(actual, expected)
+    hint = diagnose(tensor, result)
+    status = PASS if hint.code == "ok" else FAIL
+    return Verdict(
+        exercise=exercise, tensor=tensor, status=status, exact=result.exact, approximate=result.approximate,
+        maxdiff=result.maxdiff, expected_shape=tuple(expected.shape), actual_shape=_shape(actual),
+        diagnosis=hint, atol=result.tolerance.atol, mismatched=result.mismatched, numel=expected.numel(),
+        worst_index=result.worst_index, line=forward_line(tensor),
+    )
+
+
+def unanswered(exercise: str, tensor: str, problem: Problem, status: str, hint: Diagnosis) -> Verdict:
+    """A verdict for a gradient the user did not produce."""
+    return Verdict(exercise=exercise, tensor=tensor, status=status, exact=None, approximate=None, maxdiff=None,
+                   expected_shape=tuple(problem.grads[tensor].shape), actual_shape=None, diagnosis=hint,
+                   line=forward_line(tensor))
+
+
+def verdicts_for_run(exercise: str, run: RunResult, problem: Problem) -> list[Verdict]:
+    """One verdict per gradient of ``exercise``.
+
+    A gradient the user has not written is skipped ("not attempted"). When the code raised, the
+    first gradient it did not reach (in backward order) carries the exception as an error and the
+    rest are skipped as not reached; gradients computed before the exception are still checked.
+    """
+    verdicts: list[Verdict] = []
+    error_reported = False
+    for tensor in EXERCISE_TENSORS[exercise]:
+        if tensor in run.grads:
+            verdicts.append(verdict_for(exercise, tensor, run.grads[tensor], problem))
+        elif run.error is not None and not error_reported:
+            error_reported = True
+            code = "timeout" if run.error.timeout else "exception"
+            verdicts.append(unanswered(exercise, tensor, problem, ERROR, Diagnosis(code, run.error.describe())))
+        elif run.error is not None:
+            verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis(
+                "missing", f"not reached: your code stopped at {run.error.location} before computing d{tensor}")))
+        else:
+            verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis(
+                "missing", f"not attempted: no d{tensor} yet")))
+    return verdicts
+
+
+def load_failure_verdicts(exercise: str, message: str, problem: Problem) -> list[Verdict]:
+    """Verdicts when the implementation cannot be loaded at all: one error, the rest skipped."""
+    tensors = EXERCISE_TENSORS[exercise]
+    first = unanswered(exercise, tensors[0], problem, ERROR, Diagnosis("exception", message))
+    rest = [unanswered(exercise, t, problem, SKIP, Diagnosis("missing", "not run: the implementation could not be loaded"))
+            for t in tensors[1:]]
+    return [first, *rest]
+
+
+def summarize(verdicts: list[Verdict]) -> dict[str, int]:
+    """Counts of each status."""
+    counts = {PASS: 0, FAIL: 0, SKIP: 0, ERROR: 0}
+    for v in verdicts:
+        counts[v.status] += 1
+    return counts
+
+

@@ -1,0 +1,183 @@
+"""Comparing one gradient with the truth: ``assert_grad_matches``, the lecture's ``cmp``, and the
+comparison record they share. Built on ``torch.testing.assert_close``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .tolerance import Reference, Tolerance, fallback, reference_of
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Everything measured when ``actual`` is compared with ``expected``.
+
+    ``problem`` is set when the values could not be compared at all (wrong type, dtype or shape).
+    """
+
+    actual: Any
+    expected: torch.Tensor
+    truth: torch.Tensor  # float64 truth where known, else ``expected``
+    tolerance: Tolerance
+    problem: str | None = None  # "type", "dtype", "shape" or None
+    exact: bool | None = None
+    approximate: bool | None = None
+    maxdiff: float | None = None
+    mismatched: int | None = None
+    worst_index: tuple[int, ...] | None = None
+    nonfinite: bool = False
+    close_message: str = ""
+
+    @property
+    def numel(self) -> int:
+        return self.expected.numel()
+
+    @property
+    def actual_shape(self) -> tuple[int, ...] | None:
+        return tuple(self.actual.shape) if isinstance(self.actual, torch.Tensor) else None
+
+
+def describe_type(value: Any) -> str:
+    """A short description of what the user returned, for messages."""
+    if value is None:
+        return "None"
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    shape = getattr(value, "shape", None)
+    kind = type(value).__module__.split(".")[0] + "." + type(value).__qualname__
+    return f"a {kind}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
+def _truth_and_tolerance(expected: torch.Tensor, rtol: float | None, atol: float | None) -> tuple[torch.Tensor, Tolerance]:
+    reference: Reference | None = reference_of(expected)
+    if rtol is not None or atol is not None:
+        tol = Tolerance(atol=atol or 0.0, rtol=rtol or 0.0, origin="given")
+        return (reference.truth64 if reference else expected), tol
+    if reference is not None:
+        return reference.truth64, reference.tolerance
+    return expected, fallback(expected)
+
+
+def compare(actual: Any, expected: torch.Tensor, *, rtol: float | None = None, atol: float | None = None,
+            exact: bool = False) -> Comparison:
+    """Compare ``actual`` with ``expected`` without raising; see :class:`Comparison`.
+
+    ``expected`` may carry a float64 truth and a rule tolerance (the kit's tensors do); otherwise
+    ``expected`` itself is the truth, with assert_close's default rtol for its dtype.
+    """
+    truth, tol = _truth_and_tolerance(expected, rtol, atol)
+    if exact:
+        tol = Tolerance(atol=0.0, rtol=0.0, origin="exact")
+        truth = expected
+    base = dict(actual=actual, expected=expected, truth=truth, tolerance=tol)
+    if not isinstance(actual, torch.Tensor):
+        return Comparison(**base, problem="type")
+    if not actual.dtype.is_floating_point or actual.dtype != expected.dtype:
+        return Comparison(**base, problem="dtype")
+    if actual.shape != expected.shape:
+        return Comparison(**base, problem="shape")
+    actual = actual.detach()
+    if actual.device != expected.device:
+        actual = actual.to(expected.device)
+    exact_equal = bool(torch.equal(actual, expected))
+    diff = (actual.double() - expected.double()).abs()
+    finite = bool(torch.isfinite(actual).all())
+    maxdiff = float(diff.max()) if diff.numel() else 0.0
+    err = (actual.double() - truth.double()).abs()
+    allowed = tol.atol + tol.rtol * truth.double().abs()
+    bad = ~(err <= allowed)  # NaN counts as bad
+    mismatched = int(bad.sum())
+    worst = None
+    if err.numel():
+        excess = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err - allowed)
+        worst = tuple(int(i) for i in torch.unravel_index(excess.argmax(), err.shape))
+    try:
+        torch.testing.assert_close(actual.double(), truth.double(), rtol=tol.rtol, atol=tol.atol, equal_nan=False)
+        approximate, message = True, ""
+    except AssertionError as exc:
+        approximate, message = False, str(exc)
+    if exact:
+        approximate = exact_equal
+    return Comparison(**base, exact=exact_equal, approximate=approximate, maxdiff=maxdiff,
+                      mismatched=mismatched if not approximate else 0, worst_index=worst,
+                      nonfinite=not finite, close_message=message)
+
+
+def describe_failure(name: str, cmp_: Comparison) -> str:
+    """The reason a comparison failed, for a human: types, shapes, or how far off the values are."""
+    expected = cmp_.expected
+    if cmp_.problem == "type":
+        return f"d{name} is {describe_type(cmp_.actual)}; expected a tensor of shape {tuple(expected.shape)}"
+    if cmp_.problem == "dtype":
+        return (f"d{name} is {describe_type(cmp_.actual)}; expected a {str(expected.dtype).replace('torch.', '')} "
+                f"tensor like {name} (convert with .to({expected.dtype}) or compute it from {name}'s values)")
+    if cmp_.problem == "shape":
+        return (f"d{name} has shape {tuple(cmp_.actual.shape)} but {name} has shape {tuple(expected.shape)}; "
+                "a gradient has exactly the shape of its tensor")
+    pct = 100.0 * (cmp_.mismatched or 0) / max(cmp_.numel, 1)
+    worst = cmp_.worst_index
+    at = ""
+    if worst is not None:
+        a = float(cmp_.actual.detach()[worst]) if cmp_.actual.dim() else float(cmp_.actual)
+        t = float(cmp_.truth[worst]) if cmp_.truth.dim() else float(cmp_.truth)
+        at = f"; worst at index {list(worst)}: got {a:.6g}, expected {t:.6g}"
+    return (f"d{name}: {cmp_.mismatched} of {cmp_.numel} elements ({pct:.1f}%) differ beyond atol={cmp_.tolerance.atol:.2g}"
+            f" ({cmp_.tolerance.origin}); maxdiff {cmp_.maxdiff:.3g}{at}")
+
+
+def assert_grad_matches(actual: Any, expected: torch.Tensor, *, name: str | None = None, exact: bool = False,
+                        rtol: float | None = None, atol: float | None = None) -> None:
+    """Assert that a hand-written gradient matches the truth, with a hint when it does not.
+
+    ``expected`` is the true gradient, or a tensor whose ``.grad`` holds it (the lecture's ``t``).
+    Shapes must be equal (no broadcasting: a (64,) answer for a (1, 64) tensor fails). With
+    ``exact=True`` the values must be bitwise equal; otherwise the tolerance rule applies (or the
+    given ``rtol``/``atol``).
+
+    Example::
+
+        def test_counts_sum_inv(makemore_forward):
+            f = makemore_forward
+            dcounts_sum_inv = (f["counts"] * f.grads["probs"]).sum(1, keepdim=True)
+            assert_grad_matches(dcounts_sum_inv, f.grads["counts_sum_inv"], name="counts_sum_inv")
+    """
+    __tracebackhide__ = True
+    truth = expected.grad if isinstance(expected, torch.Tensor) and expected.grad is not None else expected
+    if not isinstance(truth, torch.Tensor):
+        raise TypeError(f"expected must be a tensor (or a tensor with .grad), got {describe_type(expected)}")
+    label = name or "tensor"
+    result = compare(actual, truth, rtol=rtol, atol=atol, exact=exact)
+    if result.problem is None and result.approximate:
+        return
+    from .diagnose import diagnose  # local: diagnose is heavier and only needed on failure
+
+    hint = diagnose(label, result)
+    lines = [describe_failure(label, result)]
+    if hint.code not in ("mismatch", "shape", "type", "dtype"):
+        lines.append(f"hint [{hint.code}]: {hint.message}")
+    raise AssertionError("\n".join(lines))
+
+
+def cmp(s: str, dt: Any, t: torch.Tensor) -> bool:
+    """Drop-in for the lecture's ``cmp``: prints ``name | exact | approximate | maxdiff`` plus a verdict.
+
+    ``t`` is the forward tensor whose ``.grad`` holds the truth (or the true gradient itself).
+    Returns True when the gradient passes the tolerance rule.
+
+    Example::
+
+        cmp('logprobs', dlogprobs, logprobs)
+        # logprobs        | exact: True  | approximate: True  | maxdiff: 0.0 | ok
+    """
+    truth = t.grad if t.grad is not None else t
+    result = compare(dt, truth)
+    if result.problem is not None:
+        print(f"{s:15s} | exact: False | approximate: False | maxdiff: n/a | FAIL: {describe_failure(s, result)}")
+        return False
+    verdict = "ok" if result.approximate else "FAIL"
+    print(f"{s:15s} | exact: {str(result.exact):5s} | approximate: {str(result.approximate):5s} | "
+          f"maxdiff: {result.maxdiff} | {verdict}")
+    return bool(result.approximate)

@@ -1,0 +1,85 @@
+"""The test items ``--backprop`` adds: ``backprop::ex1::counts_sum_inv`` and friends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .state import KitState, get_state
+
+VERDICT_PROPERTY = "backprop_verdict"
+WARNINGS_PROPERTY = "backprop_warnings"
+
+
+class BackpropFailure(Exception):
+    """Raised by a gradient item whose verdict is fail or error; carries the rendered verdict."""
+
+
+class GradientItem(pytest.Item):
+    """One gradient of one exercise: passes, fails with a hint, or is skipped as not attempted."""
+
+    def __init__(self, *, exercise: str, tensor: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.exercise, self.tensor = exercise, tensor
+
+    @property
+    def kit(self) -> KitState:
+        state = get_state(self.config)
+        assert state is not None
+        return state
+
+    def runtest(self) -> None:
+        from .report import render_verdict
+
+        verdicts = self.kit.verdicts(self.exercise)
+        verdict = next(v for v in verdicts if v.tensor == self.tensor)
+        self.user_properties.append((VERDICT_PROPERTY, verdict.to_json()))
+        warnings = [w.__dict__ for w in self.kit.run_warnings.get(self.exercise, [])]
+        if warnings:
+            self.user_properties.append((WARNINGS_PROPERTY, warnings))
+        if verdict.status == "skip":
+            pytest.skip(f"d{self.tensor}: {verdict.diagnosis.message}")
+        if verdict.status in ("fail", "error"):
+            raise BackpropFailure(render_verdict(verdict))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, BackpropFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"backprop::{self.exercise}::{self.tensor}"
+
+
+class ExerciseCollector(pytest.Collector):
+    """The gradients of one exercise."""
+
+    def __init__(self, *, exercise: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.exercise = exercise
+
+    def collect(self) -> list[pytest.Item]:
+        from .checks import EXERCISE_TENSORS
+
+        return [GradientItem.from_parent(self, name=t, exercise=self.exercise, tensor=t)
+                for t in EXERCISE_TENSORS[self.exercise]]
+
+
+class BackpropCollector(pytest.Collector):
+    """Root of the built-in checks, ``backprop``; its children are the exercises."""
+
+    def collect(self) -> list[pytest.Collector]:
+        state = get_state(self.config)
+        assert state is not None
+        return [ExerciseCollector.from_parent(self, name=ex, exercise=ex) for ex in state.exercises()]
+
+
+def collect_builtin_items(session: pytest.Session) -> list[pytest.Item]:
+    """All built-in items, to be put in front of the user's own tests."""
+    def flatten(node: pytest.Node) -> list[pytest.Item]:
+        if isinstance(node, pytest.Item):
+            return [node]
+        return [item for child in node.collect() for item in flatten(child)]
+
+    return flatten(BackpropCollector.from_parent(session, name="backprop", nodeid="backprop"))

@@ -1,0 +1,98 @@
+"""Every ``--backprop-*`` option, declared once: a command-line flag and an ini setting sharing one help.
+
+Precedence: command line > ini file (``pytest.ini``, ``pyproject.toml`` ``[tool.pytest.ini_options]``,
+``tox.ini``, ``setup.cfg``) > default. This module imports neither torch nor hypothesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: ``--backprop-<name>`` on the command line, ``backprop_<name>`` in the ini file."""
+
+    name: str
+    help: str
+    kind: str = "string"  # string | int | float | bool | choice
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--backprop" + (f"-{self.name}" if self.name else "")
+
+    @property
+    def ini(self) -> str:
+        return "backprop" + (f"_{self.name.replace('-', '_')}" if self.name else "")
+
+    @property
+    def dest(self) -> str:
+        return self.ini
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("", "turn on the built-in gradient checks (one test item per gradient, the lecture's table)",
+           kind="bool", default=False),
+    Option("impl", "the implementation to check: a script or module path (.py), a notebook (.ipynb) "
+           "or a dotted module name", metavar="PATH_OR_MODULE"),
+    Option("names", "names file in the lecture's format (default: names.txt in the rootdir if present, "
+           "else the embedded census names)", metavar="PATH"),
+    Option("seed", "seed of the generator that draws parameters and batch (default: the lecture's 2147483647)",
+           kind="int", default=2147483647, metavar="N"),
+    Option("dtype", "dtype of the forward pass and truth (default float32, the lecture's)", kind="choice",
+           default="float32", choices=("float32", "float64")),
+    Option("json", "write the machine-readable report to this path", metavar="PATH"),
+    Option("timeout", "seconds each run of user code may take before it is stopped (default 60; 0: no limit)",
+           kind="float", default=60.0, metavar="SECONDS"),
+)
+
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every option on the command line and in the ini file."""
+    group = parser.getgroup("backprop", "pytest-backprop: check hand-written backward passes")
+    for opt in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": opt.dest, "help": opt.help + f" [ini: {opt.ini}]", "default": None}
+        if opt.kind == "bool":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = opt.metavar
+            if opt.kind == "choice":
+                kwargs["choices"] = opt.choices
+        group.addoption(opt.flag, **kwargs)
+        parser.addini(opt.ini, opt.help, type="bool" if opt.kind == "bool" else "string", default=None)
+
+
+def _convert(opt: Option, raw: Any) -> Any:
+    if opt.kind == "bool":
+        return raw if isinstance(raw, bool) else str(raw).strip().lower() in ("1", "true", "yes", "on")
+    try:
+        if opt.kind == "int":
+            return int(raw)
+        if opt.kind == "float":
+            return float(raw)
+    except ValueError:
+        raise pytest.UsageError(f"{opt.flag} / {opt.ini}: expected a number, got {raw!r}") from None
+    if opt.kind == "choice" and raw not in opt.choices:
+        raise pytest.UsageError(f"{opt.flag} / {opt.ini}: {raw!r} is not one of {', '.join(opt.choices)}")
+    return raw
+
+
+def get(config: pytest.Config, name: str) -> Any:
+    """The value of a setting: command line, else ini, else default."""
+    opt = BY_NAME[name]
+    raw = config.getoption(opt.dest, default=None)
+    if raw is None or raw is False:
+        ini = config.getini(opt.ini)
+        if ini not in (None, "", []):
+            raw = ini
+    if raw is None or (raw is False and opt.kind == "bool"):
+        return opt.default
+    return _convert(opt, raw)

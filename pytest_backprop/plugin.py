@@ -1,0 +1,103 @@
+"""The pytest plugin (entry point ``backprop``): options, fixtures, and -- only with ``--backprop`` --
+the hooks that collect the built-in checks and report their verdicts.
+
+This module imports neither torch nor hypothesis: with ``--backprop`` off and no kit fixture
+requested, the plugin costs nothing. The work happens in modules imported lazily from the hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from . import options
+from .fixtures import (  # noqa: F401 -- imported so that pytest registers the fixtures with the plugin
+    makemore_batch,
+    makemore_config,
+    makemore_dataset,
+    makemore_forward,
+    makemore_params,
+    makemore_words,
+)
+from .state import STATE_KEY, KitState, Settings
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    options.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if options.get(config, ""):
+        state = KitState(Settings.from_config(config))
+        config.stash[STATE_KEY] = state
+        config.pluginmanager.register(BackpropSession(config, state), "backprop-session")
+
+
+class BackpropSession:
+    """Hooks active only while ``--backprop`` is on."""
+
+    def __init__(self, config: pytest.Config, state: KitState):
+        self.config, self.state = config, state
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        from .tolerance import RULE
+
+        s = self.state.settings
+        return [
+            f"backprop: dataset {self.dataset()['source']} ({self.dataset()['words']} words), seed {s.seed}, dtype {s.dtype}",
+            f"backprop: tolerance rule: {RULE}",
+            f"backprop: implementation {s.impl}"
+            + (f" ({self.state.implementation.description})" if self.state.implementation else ""),
+        ]
+
+    def dataset(self) -> dict[str, Any]:
+        words = self.state.problem.words
+        return {"source": words.source if words else "?", "words": len(words) if words else 0}
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
+        # tryfirst: our items must exist before -k/-m deselection runs.
+        from .items import collect_builtin_items
+
+        items[:0] = collect_builtin_items(session)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Verdicts travel in user_properties, so xdist workers' reports are gathered the same way.
+        if report.when != "call" or not report.user_properties:
+            return
+        from .items import VERDICT_PROPERTY, WARNINGS_PROPERTY
+        from .verdict import Diagnosis, Verdict
+
+        for key, value in report.user_properties:
+            if key == VERDICT_PROPERTY:
+                verdict = Verdict.from_json(value)
+                self.state.reported[verdict.key] = verdict
+            elif key == WARNINGS_PROPERTY:
+                for w in value:
+                    self.state.reported_warnings[(w["code"], w["message"])] = Diagnosis(**w)
+
+    def ordered(self) -> list[Any]:
+        """Reported verdicts in exercise order, then backward order."""
+        from .checks import EXERCISE_TENSORS
+
+        rank = {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(EXERCISE_TENSORS.items()) for j, t in enumerate(ts)}
+        return sorted(self.state.reported.values(), key=lambda v: rank.get(v.key, (99, 0)))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.state.reported:
+            return
+        from .report import render_summary
+
+        terminalreporter.section("backprop: gradients vs autograd")
+        for line in render_summary(self.ordered(), self.state.reported_warnings.values()):
+            terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput") or not self.state.settings.json:
+            return
+        from .report import report_json, write_json
+
+        s = self.state.settings
+        meta = {"implementation": s.impl, "dataset": self.dataset(), "seed": s.seed, "dtype": s.dtype}
+        write_json(s.json, report_json(meta, self.ordered(), self.state.reported_warnings.values()))

@@ -1,0 +1,78 @@
+"""Renderings of the verdicts: the failing item's text, the terminal table and the JSON report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from .verdict import Diagnosis, Verdict
+
+_SYMBOL = {"pass": "ok", "fail": "FAIL", "skip": "skip", "error": "ERROR"}
+
+
+def _fmt_bool(value: bool | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _fmt_float(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def render_verdict(v: Verdict) -> str:
+    """The failing item's report: what is wrong, where to look, and the hint."""
+    lines = [f"d{v.tensor} [{v.diagnosis.code}]: {v.diagnosis.message}"]
+    if v.maxdiff is not None:
+        lines.append(f"    exact: {v.exact} | approximate: {v.approximate} | maxdiff: {v.maxdiff:.3g} | atol: {v.atol:.2g}")
+    if v.line:
+        lines.append(f"    forward line: {v.line}")
+    return "\n".join(lines)
+
+
+def render_table(verdicts: Iterable[Verdict]) -> list[str]:
+    """The lecture's table (name | exact | approximate | maxdiff) plus verdict and hint code."""
+    rows = list(verdicts)
+    lines = [f"{'exercise':8s} {'tensor':15s} | {'exact':5s} | {'approximate':11s} | {'maxdiff':8s} | verdict"]
+    lines.append("-" * len(lines[0]))
+    for v in rows:
+        hint = "" if v.diagnosis.code in ("ok", "missing") else f" [{v.diagnosis.code}]"
+        lines.append(f"{v.exercise:8s} {v.tensor:15s} | {_fmt_bool(v.exact):5s} | {_fmt_bool(v.approximate):11s} | "
+                     f"{_fmt_float(v.maxdiff):8s} | {_SYMBOL[v.status]}{hint}")
+    counts = {s: sum(v.status == s for v in rows) for s in _SYMBOL}
+    lines.append(f"{len(rows)} gradients: {counts['pass']} pass, {counts['fail']} fail, "
+                 f"{counts['error']} error, {counts['skip']} not attempted")
+    return lines
+
+
+def first_wrong(verdicts: Iterable[Verdict]) -> Verdict | None:
+    """The first failing gradient in backward order that is its own fault."""
+    for v in verdicts:
+        if v.status in ("fail", "error") and v.diagnosis.code != "inherited":
+            return v
+    return None
+
+
+def render_summary(verdicts: list[Verdict], warnings: Iterable[Diagnosis]) -> list[str]:
+    """The terminal summary: the table, the first wrong gradient with its forward line, warnings."""
+    lines = render_table(verdicts)
+    wrong = first_wrong(verdicts)
+    if wrong is not None:
+        lines += ["", f"first wrong gradient: d{wrong.tensor} ({wrong.exercise}) [{wrong.diagnosis.code}]"]
+        if wrong.line:
+            lines.append(f"    look at: {wrong.line}")
+        lines.append(f"    {wrong.diagnosis.message}")
+    lines += [f"warning [{w.code}]: {w.message}" for w in warnings]
+    return lines
+
+
+def report_json(meta: dict[str, Any], verdicts: Iterable[Verdict], warnings: Iterable[Diagnosis]) -> dict[str, Any]:
+    """The JSON report (contract in docs/reference.md)."""
+    return {**meta, "checks": [v.to_json() for v in verdicts],
+            "warnings": [{"code": w.code, "message": w.message} for w in warnings]}
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write the JSON report, creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")

@@ -1,0 +1,122 @@
+"""Per-session state of ``--backprop``: settings, the problem, the implementation, cached results.
+
+Everything is built lazily and once: the implementation runs once per exercise per process, and
+every test item reads its verdict from that run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import options
+from .verdict import Diagnosis, Verdict
+
+
+@dataclass
+class Settings:
+    """Resolved settings of one session (see :mod:`pytest_backprop.options`)."""
+
+    impl: str
+    names: str | None
+    seed: int
+    dtype: str
+    json: str | None
+    timeout: float
+    rootdir: Path
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "Settings":
+        impl = options.get(config, "impl")
+        if not impl:
+            raise pytest.UsageError(
+                "--backprop needs an implementation to check. Either pass it on the command line:\n"
+                "    pytest --backprop --backprop-impl=path/to/backward.py   (or a notebook, or a module name)\n"
+                "or set it in your ini file, e.g. in pyproject.toml:\n"
+                "    [tool.pytest.ini_options]\n"
+                "    backprop_impl = \"path/to/backward.py\"")
+        rootdir = Path(config.rootpath)
+        names = options.get(config, "names")
+        if names is None and (rootdir / "names.txt").is_file():
+            names = str(rootdir / "names.txt")
+        elif names is not None and not Path(names).is_file() and (rootdir / names).is_file():
+            names = str(rootdir / names)
+        if names is not None and not Path(names).is_file():
+            raise pytest.UsageError(f"--backprop-names: no such file: {names}")
+        return cls(impl=impl, names=names, seed=options.get(config, "seed"), dtype=options.get(config, "dtype"),
+                   json=options.get(config, "json"), timeout=options.get(config, "timeout"), rootdir=rootdir)
+
+
+@dataclass
+class KitState:
+    """What the plugin keeps in ``config.stash`` while ``--backprop`` is on."""
+
+    settings: Settings
+    _problem: Any = None
+    _implementation: Any = None
+    _load_error: str | None = None
+    results: dict[str, list[Verdict]] = field(default_factory=dict)
+    run_warnings: dict[str, list[Diagnosis]] = field(default_factory=dict)
+    # Gathered from test reports (works the same under xdist): what the report renders.
+    reported: dict[str, Verdict] = field(default_factory=dict)
+    reported_warnings: dict[tuple[str, str], Diagnosis] = field(default_factory=dict)
+
+    @property
+    def problem(self):
+        """The lecture's problem at the session's settings, built on first use."""
+        if self._problem is None:
+            import torch
+
+            from .problem import build_problem, resolve_words
+            from reference_model.model import Config
+
+            s = self.settings
+            self._problem = build_problem(resolve_words(s.names), Config(seed=s.seed), dtype=getattr(torch, s.dtype))
+        return self._problem
+
+    @property
+    def implementation(self):
+        """The loaded implementation, or None when it could not be loaded (see ``load_error``)."""
+        if self._implementation is None and self._load_error is None:
+            from .loaders import LoadError, load_implementation
+
+            try:
+                self._implementation = load_implementation(self.settings.impl, self.settings.rootdir)
+            except LoadError as exc:
+                self._load_error = str(exc)
+        return self._implementation
+
+    @property
+    def load_error(self) -> str | None:
+        self.implementation  # noqa: B018 -- triggers the load
+        return self._load_error
+
+    def exercises(self) -> tuple[str, ...]:
+        """Exercises to collect: what the implementation answers (ex1 when it cannot be loaded)."""
+        impl = self.implementation
+        return impl.exercises() if impl is not None else ("ex1",)
+
+    def verdicts(self, exercise: str) -> list[Verdict]:
+        """Run the implementation for ``exercise`` once and return its verdicts."""
+        if exercise not in self.results:
+            from .checks import load_failure_verdicts, verdicts_for_run
+
+            if self.implementation is None:
+                self.results[exercise] = load_failure_verdicts(exercise, self.load_error or "", self.problem)
+                self.run_warnings[exercise] = []
+            else:
+                run = self.implementation.run(exercise, self.problem, self.settings.timeout)
+                self.results[exercise] = verdicts_for_run(exercise, run, self.problem)
+                self.run_warnings[exercise] = run.warnings
+        return self.results[exercise]
+
+
+STATE_KEY = pytest.StashKey[KitState]()
+
+
+def get_state(config: pytest.Config) -> KitState | None:
+    """The session's state, or None when ``--backprop`` is off."""
+    return config.stash.get(STATE_KEY, None)

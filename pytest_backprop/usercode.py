@@ -1,0 +1,98 @@
+"""Running user code safely enough: fresh namespaces, a time limit, and where an exception happened."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+
+class UserCodeTimeout(BaseException):
+    """Raised inside user code when it runs past ``--backprop-timeout`` (BaseException: user code
+    that catches ``Exception`` cannot swallow it)."""
+
+
+@dataclass(frozen=True)
+class UserError:
+    """An exception raised by user code, located in the user's own file or cell."""
+
+    type: str
+    message: str
+    filename: str | None = None
+    lineno: int | None = None
+    source_line: str | None = None
+    timeout: bool = False
+
+    @property
+    def location(self) -> str:
+        """``file.py:12`` (or ``cell 4, line 2`` for notebooks), or ``<unknown>``."""
+        if self.filename is None:
+            return "<unknown>"
+        return f"{self.filename}:{self.lineno}" if not self.filename.startswith("cell ") else f"{self.filename}, line {self.lineno}"
+
+    def describe(self) -> str:
+        """One paragraph: what was raised, where, and the source line."""
+        head = f"{self.type}: {self.message}" if self.message else self.type
+        where = f" at {self.location}" if self.filename else ""
+        src = f"\n    {self.source_line}" if self.source_line else ""
+        return f"your code raised {head}{where}{src}"
+
+
+def locate(exc: BaseException, is_user_file: Callable[[str], bool], source_lines: Callable[[str, int], str | None],
+           display_name: Callable[[str, int], tuple[str, int]] = lambda f, l: (f, l)) -> UserError:
+    """A :class:`UserError` for ``exc`` pointing at the innermost frame in user code."""
+    frame_file, frame_line = None, None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if is_user_file(frame.f_code.co_filename):
+            frame_file, frame_line = frame.f_code.co_filename, lineno
+    if isinstance(exc, UserCodeTimeout):
+        kind, message, timeout = "Timeout", str(exc), True
+    else:
+        kind, message, timeout = type(exc).__name__, str(exc), False
+    if frame_file is None:
+        return UserError(kind, message, timeout=timeout)
+    src = source_lines(frame_file, frame_line)
+    shown_file, shown_line = display_name(frame_file, frame_line)
+    return UserError(kind, message, shown_file, shown_line, src.strip() if src else None, timeout)
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`UserCodeTimeout` in the running code after ``seconds`` (main thread, POSIX).
+
+    Elsewhere (a worker thread, Windows) no limit is applied; ``--backprop-isolate`` is the robust
+    alternative there.
+    """
+    usable = (seconds and seconds > 0 and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise UserCodeTimeout(f"still running after {seconds:g} s (--backprop-timeout): an endless loop?")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def call_user(fn: Callable[[], Any], seconds: float | None) -> tuple[Any, BaseException | None]:
+    """Call ``fn`` under the time limit; return (result, None) or (None, exception).
+
+    ``SystemExit`` and ``KeyboardInterrupt`` from user code are caught too: a student's ``exit()``
+    must not end the pytest session.
+    """
+    try:
+        with time_limit(seconds):
+            return fn(), None
+    except (Exception, SystemExit, UserCodeTimeout) as exc:  # noqa: BLE001 -- any user failure is a verdict
+        return None, exc
+
