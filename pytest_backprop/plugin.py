@@ -29,7 +29,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if options.get(config, ""):
-        state = KitState(Settings.from_config(config))
+        state = KitState(Settings.from_config(config), config)
         config.stash[STATE_KEY] = state
         config.pluginmanager.register(BackpropSession(config, state), "backprop-session")
 

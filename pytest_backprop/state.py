@@ -55,6 +55,7 @@ class KitState:
     """What the plugin keeps in ``config.stash`` while ``--backprop`` is on."""
 
     settings: Settings
+    config: pytest.Config
     _problem: Any = None
     _implementation: Any = None
     _load_error: str | None = None
@@ -63,6 +64,10 @@ class KitState:
     # Gathered from test reports (works the same under xdist): what the report renders.
     reported: dict[str, Verdict] = field(default_factory=dict)
     reported_warnings: dict[tuple[str, str], Diagnosis] = field(default_factory=dict)
+
+    def option(self, name: str) -> Any:
+        """Any ``--backprop-<name>`` setting (command line > ini > default)."""
+        return options.get(self.config, name)
 
     @property
     def problem(self):
