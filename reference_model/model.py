@@ -237,3 +237,24 @@ def parameter_count(params: Mapping[str, torch.Tensor]) -> int:
 def gradient_names() -> Iterable[str]:
     """The 26 gradient names in backward order (same as :data:`GRADIENT_ORDER`)."""
     return iter(GRADIENT_ORDER)
+
+
+def line_vjp(line: Line, values: Mapping[str, torch.Tensor], upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Autograd's vector-Jacobian product of one line: the contribution of ``upstream`` (the gradient
+    of ``line.output``) to the gradient of each of the line's inputs.
+
+    ``values`` holds the line's inputs and constants (n, Xb, Yb). Used for per-line checks, for
+    ``missing_branch`` hints and for chaining per-line answers.
+
+    Example::
+
+        vjp = line_vjp(LINE_OF["probs"], values, dprobs)
+        vjp["counts"], vjp["counts_sum_inv"]   # counts_sum_inv * dprobs, (counts * dprobs).sum(1, keepdim=True)
+    """
+    namespace: dict = {k: values[k] for k in line.constants}
+    leaves = {k: values[k].detach().clone().requires_grad_(True) for k in line.inputs}
+    namespace.update(leaves)
+    with torch.enable_grad():
+        out = run_line(line, namespace)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=upstream.to(out.dtype), allow_unused=True)
+    return {k: (g if g is not None else torch.zeros_like(leaves[k])).detach() for k, g in zip(leaves, grads)}
