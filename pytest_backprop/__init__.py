@@ -14,7 +14,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "assert_grad_matches": "pytest_backprop.compare",
     "cmp": "pytest_backprop.compare",
-    "compare": "pytest_backprop.compare",
     "Verdict": "pytest_backprop.verdict",
     "Diagnosis": "pytest_backprop.verdict",
     "check_backward": "pytest_backprop.custom",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from reference_model.model import GRADIENT_ORDER, LINE_OF
+from reference_model.model import GRADIENT_ORDER, LINE_OF, LINES
 
 from .compare import compare
 from .diagnose import diagnose
@@ -17,11 +18,13 @@ EXERCISE_TENSORS: dict[str, tuple[str, ...]] = {
     "ex1": GRADIENT_ORDER,
     "ex2": ("logits",),
     "ex3": ("hprebn",),
+    "lines": tuple(line.output for line in reversed(LINES)),  # per-line checks, backward order
 }
 EXERCISE_TITLES = {
     "ex1": "Exercise 1: backprop through every line",
     "ex2": "Exercise 2: cross-entropy in one go",
     "ex3": "Exercise 3: batchnorm in one go",
+    "lines": "Per-line backward functions, each vs autograd's VJP of its line",
     "ex4": "Exercise 4: training with your gradients",
 }
 
@@ -44,7 +47,7 @@ def verdict_for(exercise: str, tensor: str, actual: Any, problem: Problem) -> Ve
     """Compare one answer with the truth and diagnose it."""
     expected = problem.grads[tensor]
     result = compare(actual, expected)
-    hint = diagnose(tensor, result)
+    hint = diagnose(tensor, result, n=problem.n, values=problem.truth.values)
     status = PASS if hint.code == "ok" else FAIL
     return Verdict(
         exercise=exercise, tensor=tensor, status=status, exact=result.exact, approximate=result.approximate,
@@ -71,11 +74,14 @@ def verdicts_for_run(exercise: str, run: RunResult, problem: Problem) -> list[Ve
     verdicts: list[Verdict] = []
     error_reported = False
     for tensor in EXERCISE_TENSORS[exercise]:
-        if tensor in run.grads:
+        if tensor in run.grads and tensor in run.overrides:  # e.g. reads_autograd: fails whatever its value
+            verdicts.append(replace(verdict_for(exercise, tensor, run.grads[tensor], problem), status=FAIL,
+                                    approximate=False, diagnosis=run.overrides[tensor]))
+        elif tensor in run.grads:
             verdicts.append(verdict_for(exercise, tensor, run.grads[tensor], problem))
         elif run.error is not None and not error_reported:
             error_reported = True
-            code = "timeout" if run.error.timeout else "exception"
+            code = run.error.code or ("timeout" if run.error.timeout else "exception")
             verdicts.append(unanswered(exercise, tensor, problem, ERROR, Diagnosis(code, run.error.describe())))
         elif run.error is not None:
             verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis(
@@ -83,6 +89,10 @@ def verdicts_for_run(exercise: str, run: RunResult, problem: Problem) -> list[Ve
         else:
             verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis(
                 "missing", f"not attempted: no d{tensor} yet")))
+    if exercise == "ex1":  # blame across the line graph: inherited, missing_branch, aliased
+        from .blame import assign_blame  # noqa: PLC0415
+
+        verdicts = assign_blame(verdicts, run.grads, problem)
     return verdicts
 
 

@@ -7,12 +7,22 @@ Forms (``--backprop-impl``):
   own ``cmp(name, dt, t)`` calls;
 - a **module** (a dotted name, or a ``.py`` file that defines ``backward``): ``backward(cache)``
   returns ``{name: gradient}``; optional ``cross_entropy_backward(...)`` (Exercise 2) and
-  ``batchnorm_backward(...)`` (Exercise 3) get their arguments injected by parameter name.
+  ``batchnorm_backward(...)`` (Exercise 3) get their arguments injected by parameter name;
+- a **per-line module** (defines ``backward_<output>`` functions and no ``backward``): each line is
+  checked on its own (exercise ``lines``) and the chained full backward is Exercise 1 (see
+  :mod:`pytest_backprop.perline`);
+- a **notebook** (``.ipynb``): see :mod:`pytest_backprop.notebook`.
+
+Every run gets a fresh namespace and fresh copies of the forward values (detached, without
+``.grad``), so one run cannot affect another or the kit's truth. Answers copied from autograd
+(``dhpreact = hpreact.grad``) are traced in the user's source and get the ``reads_autograd``
+verdict. This is not a sandbox: see :mod:`pytest_backprop.isolate` (``--backprop-isolate``).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 import importlib.util
 import inspect
@@ -20,6 +30,7 @@ import itertools
 import linecache
 import sys
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
@@ -36,6 +47,8 @@ from .verdict import Diagnosis
 EXERCISE_FUNCTIONS = {"ex2": "cross_entropy_backward", "ex3": "batchnorm_backward"}
 #: What each exercise's answer is the gradient of, and which true upstream gradients it may use.
 EXERCISE_TARGET = {"ex1": None, "ex2": "logits", "ex3": "hprebn"}
+#: True gradients handed to Exercises 2 and 3 (only those upstream of the part to derive in one go).
+EXERCISE_UPSTREAM = {"ex2": (), "ex3": GRADIENT_ORDER[:GRADIENT_ORDER.index("hpreact") + 1]}
 _counter = itertools.count()
 
 
@@ -50,6 +63,8 @@ class RunResult:
     grads: dict[str, Any]
     error: UserError | None = None
     warnings: list[Diagnosis] = field(default_factory=list)
+    #: Verdict overrides by tensor name (e.g. ``reads_autograd``): the answer fails with this hint.
+    overrides: dict[str, Diagnosis] = field(default_factory=dict)
 
 
 class CmpRecorder:
@@ -108,6 +123,10 @@ class Implementation:
     def run(self, exercise: str, problem: Problem, timeout: float | None) -> RunResult:  # pragma: no cover
         raise NotImplementedError
 
+    def verdicts(self, exercise: str, problem: Problem, timeout: float | None) -> list[Any] | None:
+        """Verdicts for an exercise this implementation checks itself (per-line checks), else None."""
+        return None
+
     def _is_user_file(self, filename: str) -> bool:
         return False
 
@@ -132,7 +151,9 @@ class ScriptImplementation(Implementation):
         return filename == str(self.path)
 
     def run(self, exercise: str, problem: Problem, timeout: float | None) -> RunResult:
-        return run_code(self.code, problem, timeout, self._locate)
+        result = run_code(self.code, problem, timeout, self._locate)
+        trace_autograd(result, [(self.source, str(self.path))])
+        return result
 
 
 def namespace_for(problem: Problem) -> tuple[dict[str, Any], dict[str, Any], CmpRecorder]:
@@ -200,12 +221,22 @@ class ModuleImplementation(Implementation):
         else:
             target = EXERCISE_TARGET[exercise]
             available = dict(handed_out)
-            available.update({"d" + k: v.clone() for k, v in problem.grads.items() if k != target})
+            available.update(problem.globals())
+            available.update({"d" + k: problem.grads[k].detach().clone() for k in EXERCISE_UPSTREAM[exercise]})
             fn = getattr(self.module, EXERCISE_FUNCTIONS[exercise])
             result, exc = call_user(lambda: inject(fn, available), timeout)
             grads = {target: result} if exc is None else {}
         warnings = forward_watch(handed_out, handed_out, problem.truth.values)
-        return RunResult(grads, self._locate(exc) if exc else None, warnings)
+        run = RunResult(grads, self._locate(exc) if exc else None, warnings)
+        trace_autograd(run, self._sources())
+        return run
+
+    def _sources(self) -> list[tuple[str, str]]:
+        file = getattr(self.module, "__file__", None)
+        try:
+            return [(Path(file).read_text(), str(file))] if file else []
+        except OSError:
+            return []
 
 
 def defines_functions(path: Path) -> bool:
@@ -231,13 +262,122 @@ def load_implementation(spec: str, rootdir: Path) -> Implementation:
             raise LoadError(f"--backprop-impl: no such file: {spec} (looked in {Path.cwd()} and {rootdir})")
         if str(rootdir) not in sys.path:
             sys.path.insert(0, str(rootdir))
-        return ModuleImplementation(spec)
+        return module_implementation(spec)
     path = path.resolve()
     if path.suffix == ".ipynb":
         from .notebook import NotebookImplementation  # noqa: PLC0415 -- optional form, loaded when used
 
         return NotebookImplementation(path)
     if defines_functions(path):
-        return ModuleImplementation(spec, path)
+        return module_implementation(spec, path)
     return ScriptImplementation(path)
 
+
+
+def module_implementation(spec: str, path: Path | None = None) -> "ModuleImplementation":
+    """A module's implementation: per-line when it has ``backward_<output>`` functions and no ``backward``."""
+    impl = ModuleImplementation(spec, path)
+    from .perline import line_functions  # noqa: PLC0415 -- perline imports this module
+
+    if not hasattr(impl.module, "backward") and line_functions(impl.module):
+        from .perline import LinesImplementation  # noqa: PLC0415
+
+        return LinesImplementation(impl)
+    return impl
+
+
+# --- answers copied from autograd -----------------------------------------------------------------
+
+_AUTOGRAD_ATTRS = {"grad", "backward", "retain_grad", "retain_grads", "autograd"}
+_AUTOGRAD_TEXT = re.compile(r"\.(grad|backward|retain_grad|retain_grads)\b|\bautograd\b")
+
+
+def _reads_autograd(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Attribute) and n.attr in _AUTOGRAD_ATTRS for n in ast.walk(node)) or any(
+        isinstance(n, ast.Name) and n.id == "autograd" for n in ast.walk(node))
+
+
+def _target_names(target: ast.AST) -> list[str]:
+    while isinstance(target, (ast.Subscript, ast.Attribute, ast.Starred)):
+        target = target.value
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for elt in target.elts for n in _target_names(elt)]
+    return []
+
+
+@dataclass
+class AutogradUse:
+    """Where user code takes a gradient from autograd: assigned variables and cmp calls, by line."""
+
+    assigned: dict[str, int] = field(default_factory=dict)  # variable -> line that reads autograd
+    cmp_direct: dict[str, int] = field(default_factory=dict)  # tensor -> line of a cmp(dt=<reads autograd>)
+    cmp_vars: dict[str, str] = field(default_factory=dict)  # variable passed as dt -> tensor named by t
+    lines: list[int] = field(default_factory=list)  # every line that reads autograd
+
+
+def autograd_use(source: str) -> AutogradUse:
+    """Scan user source (never run) for ``.grad``, ``.backward()``, ``retain_grad`` and ``torch.autograd``.
+
+    Example::
+
+        autograd_use("dhpreact = hpreact.grad").assigned   # {'dhpreact': 1}
+    """
+    use = AutogradUse()
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return use
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if _reads_autograd(node.value):
+                for t in targets:
+                    for name in _target_names(t):
+                        use.assigned.setdefault(name, node.lineno)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cmp" and len(node.args) >= 3:
+            dt, t = node.args[1], node.args[2]
+            tname = t.id if isinstance(t, ast.Name) else None
+            if tname and _reads_autograd(dt):
+                use.cmp_direct.setdefault(tname, node.lineno)
+            elif tname and isinstance(dt, ast.Name):
+                use.cmp_vars[dt.id] = tname
+        if isinstance(node, (ast.Attribute, ast.Name)) and _reads_autograd(node):
+            use.lines.append(node.lineno)
+    return use
+
+
+def _autograd_message(tensor: str, where: str, line: str | None) -> str:
+    quoted = f" (`{line.strip()}`)" if line else ""
+    return (f"d{tensor} is copied from autograd at {where}{quoted}: the kit hands your code tensors without .grad "
+            "and cannot be satisfied by autograd's answer; it checks your own derivation. Write d"
+            f"{tensor} from the chain rule")
+
+
+def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
+                   where: Callable[[str, int], str] = lambda f, l: f"{f}:{l}") -> None:
+    """Mark answers (and an exception) that come from ``.grad``/``.backward()`` with ``reads_autograd``.
+
+    ``sources`` is [(source text, display name)]; ``where(name, lineno)`` formats a location.
+    """
+    for source, display in sources:
+        use = autograd_use(source)
+        if not use.lines:
+            continue
+        src_lines = source.splitlines()
+
+        def at(lineno: int) -> tuple[str, str | None]:
+            return where(display, lineno), (src_lines[lineno - 1] if 0 < lineno <= len(src_lines) else None)
+
+        for tensor in GRADIENT_ORDER:
+            lineno = use.assigned.get("d" + tensor) or use.cmp_direct.get(tensor) or next(
+                (use.assigned[v] for v, t in use.cmp_vars.items() if t == tensor and v in use.assigned), None)
+            if lineno is not None and tensor not in run.overrides:
+                run.overrides[tensor] = Diagnosis("reads_autograd", _autograd_message(tensor, *at(lineno)))
+        err = run.error
+        if err is not None and err.source_line and _AUTOGRAD_TEXT.search(err.source_line) and err.code is None:
+            run.error = dc_replace(err, code="reads_autograd", message=(
+                f"{err.message} -- this line reads autograd (.grad / .backward()), but the kit hands your code "
+                "tensors without .grad and no graph: it checks your own derivation, so compute the gradient "
+                "by the chain rule"))

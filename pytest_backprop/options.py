@@ -50,6 +50,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("json", "write the machine-readable report to this path", metavar="PATH"),
     Option("timeout", "seconds each run of user code may take before it is stopped (default 60; 0: no limit)",
            kind="float", default=60.0, metavar="SECONDS"),
+    Option("gradescope", "write Gradescope's results.json to this path (works without --backprop too: "
+           "then only your own tests are graded)", metavar="PATH"),
+    Option("points", "points of the tests in --backprop-gradescope results: PATTERN=POINTS entries, e.g. "
+           "'ex1=1 ex2=3 ex1::b1=2' (default 1 each; an exact key beats patterns, else the last match wins; "
+           "@pytest.mark.backprop_points(n) beats both)", metavar="ENTRIES"),
+    Option("hidden", "checks to hide from students in --backprop-gradescope results: PATTERN or "
+           "PATTERN=VISIBILITY entries, e.g. 'ex3 ex1::b1=after_due_date'", metavar="ENTRIES"),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}

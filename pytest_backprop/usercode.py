@@ -25,6 +25,7 @@ class UserError:
     lineno: int | None = None
     source_line: str | None = None
     timeout: bool = False
+    code: str | None = None  # a diagnosis code that overrides exception/timeout (e.g. reads_autograd)
 
     @property
     def location(self) -> str:
@@ -84,14 +85,65 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _guarded() -> list[Any]:
+    import torch  # noqa: PLC0415 -- user code only runs when torch is in use anyway
+    import torch.nn.functional
+    import torch.testing
+
+    return [torch, torch.testing, torch.nn.functional, torch.Tensor]
+
+
+@contextmanager
+def guard_torch() -> Iterator[None]:
+    """Restore attributes of ``torch``, ``torch.testing``, ``torch.nn.functional`` and ``torch.Tensor``
+    that user code replaced (``torch.allclose = lambda *a, **k: True``), and the default dtype.
+
+    A guard against accidents, not a sandbox (see :mod:`pytest_backprop.isolate`).
+
+    Example::
+
+        with guard_torch():
+            exec(user_code, namespace)
+    """
+    import torch  # noqa: PLC0415
+
+    targets = _guarded()
+    saved = [dict(vars(t)) for t in targets]
+    dtype = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        for target, before in zip(targets, saved):
+            now = vars(target)
+            for key in [k for k in now if k not in before]:
+                try:
+                    delattr(target, key)
+                except (AttributeError, TypeError):
+                    pass
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    try:
+                        setattr(target, key, value)
+                    except (AttributeError, TypeError):
+                        pass
+        torch.set_default_dtype(dtype)
+
+
+_MISSING = object()
+
+
 def call_user(fn: Callable[[], Any], seconds: float | None) -> tuple[Any, BaseException | None]:
     """Call ``fn`` under the time limit; return (result, None) or (None, exception).
 
-    ``SystemExit`` and ``KeyboardInterrupt`` from user code are caught too: a student's ``exit()``
-    must not end the pytest session.
+    ``SystemExit`` from user code is caught too (a student's ``exit()`` must not end the pytest
+    session), and torch attributes the code replaced are restored (:func:`guard_torch`).
+
+    Example::
+
+        result, exc = call_user(lambda: fn(cache), 60)
     """
     try:
-        with time_limit(seconds):
+        with guard_torch(), time_limit(seconds):
             return fn(), None
     except (Exception, SystemExit, UserCodeTimeout) as exc:  # noqa: BLE001 -- any user failure is a verdict
         return None, exc

@@ -1,0 +1,170 @@
+"""``--backprop-isolate``: run the user's code in a spawned child process, tensors sent back.
+
+Threat model. By default user code runs in the pytest process (fast, and tracebacks point into the
+user's file). That is **not a sandbox**: code in the same process can call ``os._exit``, crash the
+interpreter (a segfault), exhaust memory, or monkeypatch what the kit uses to judge
+(``torch.allclose``, ``torch.testing.assert_close``, ``torch.equal``). The in-process runner
+defends only against accidents: ``SystemExit`` is caught, a time limit stops endless loops (POSIX,
+main thread), every run gets fresh copies of the values, and patched attributes of ``torch``,
+``torch.testing``, ``torch.nn.functional`` and ``torch.Tensor`` are restored after each run
+(:func:`pytest_backprop.usercode.guard_torch`).
+
+With ``--backprop-isolate`` each run (one exercise, or the per-line answers) happens in a fresh
+child process started with the ``spawn`` method: the child loads the implementation, rebuilds the
+problem from the parameters and batch it is sent, runs the user's code and sends back only the
+answers (tensors, detached). Comparison and verdicts happen in the parent, so nothing the user's
+code does to its own process (exit, crash, monkeypatching, an endless loop in C code that ignores
+signals: the parent kills the child after the time limit) can end pytest or change a verdict. It
+is still not a security boundary against hostile code: the child runs with the user's
+permissions, can read and write files and use the network. Grade untrusted submissions inside a
+container or VM (Gradescope's autograder is one).
+
+Each run costs a process start (~1-3 s: importing torch). Example::
+
+    pytest --backprop --backprop-impl=student.ipynb --backprop-isolate
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loaders import Implementation, LoadError, RunResult
+from .problem import Problem
+from .usercode import UserError
+
+#: Seconds the child may take on top of ``--backprop-timeout`` (process start, imports, truth).
+STARTUP_GRACE = 60.0
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """Stands for an answer that could not be sent back from the child (not picklable)."""
+
+    description: str
+
+    def __repr__(self) -> str:
+        return f"<{self.description}, not picklable>"
+
+
+def _portable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    try:
+        pickle.dumps(value)
+        return value
+    except Exception:  # noqa: BLE001 -- anything the user returns
+        return Opaque(f"a {type(value).__module__}.{type(value).__qualname__}")
+
+
+def _child(conn: Any, spec: str, rootdir: str, task: str, exercise: str | None, payload: Any, timeout: float | None) -> None:
+    """Entry point of the child process: load, run, send ``(status, data)`` back."""
+    try:
+        from .loaders import load_implementation
+        from .problem import problem_from_batch
+
+        try:
+            impl = load_implementation(spec, Path(rootdir))
+        except LoadError as exc:
+            conn.send(("load_error", str(exc)))
+            return
+        if task == "describe":
+            conn.send(("ok", (impl.exercises(), impl.description)))
+            return
+        config, params, Xb, Yb, dtype = payload
+        problem = problem_from_batch(config, params, Xb, Yb, dtype=dtype)
+        if task == "lines":
+            answers = impl.line_answers(problem, timeout)
+            conn.send(("ok", {k: ({n: _portable(v) for n, v in a.items()} if a is not None else None, e)
+                              for k, (a, e) in answers.items()}))
+            return
+        result = impl.run(exercise, problem, timeout)
+        result.grads = {k: _portable(v) for k, v in result.grads.items()}
+        conn.send(("ok", result))
+    except BaseException:  # noqa: BLE001 -- report anything to the parent
+        conn.send(("crash", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def run_in_child(spec: str, rootdir: Path, task: str, exercise: str | None = None, payload: Any = None,
+                 timeout: float | None = None) -> tuple[str, Any]:
+    """Run one task in a spawned child; ``("ok", data)``, ``("load_error", msg)`` or ``("died", msg)``."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, spec, str(rootdir), task, exercise, payload, timeout), daemon=True)
+    proc.start()
+    child.close()
+    limit = (timeout or 0) + STARTUP_GRACE if timeout else None
+    start = time.monotonic()
+    try:
+        if not parent.poll(limit):
+            return "died", (f"still running after {time.monotonic() - start:.0f} s (--backprop-timeout {timeout:g} s "
+                            "plus start-up); the child process was killed")
+        return parent.recv()
+    except (EOFError, OSError):
+        proc.join(5)
+        code = proc.exitcode
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return "died", (f"the process running your code {how} before returning any gradient "
+                        "(os._exit, sys.exit outside the checked code, or a crash)")
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        parent.close()
+
+
+class IsolatedImplementation(Implementation):
+    """Any implementation form, run in a spawned child process for every run (see the module docstring).
+
+    Example::
+
+        impl = IsolatedImplementation("student.py", Path.cwd())
+        impl.run("ex1", problem, timeout=60).grads["probs"]
+    """
+
+    def __init__(self, spec: str, rootdir: Path, timeout: float | None = None):
+        self.spec, self.rootdir = spec, rootdir
+        status, data = run_in_child(spec, rootdir, "describe", timeout=timeout)
+        if status != "ok":
+            raise LoadError(data if status != "crash" else f"cannot load {spec} in a child process:\n{data}")
+        self._exercises, inner = data
+        self.description = f"{inner} (isolated)"
+
+    def exercises(self) -> tuple[str, ...]:
+        return tuple(self._exercises)
+
+    @staticmethod
+    def _payload(problem: Problem) -> tuple:
+        return (problem.config, problem.params, problem.Xb, problem.Yb, problem.dtype)
+
+    def _failure(self, status: str, data: Any, timeout: float | None) -> UserError:
+        if status == "died":
+            return UserError("Timeout" if "still running" in data else "ProcessDied", data,
+                             timeout="still running" in data)
+        return UserError("InternalError", f"the child process failed outside your code:\n{data}")
+
+    def run(self, exercise: str, problem: Problem, timeout: float | None) -> RunResult:
+        status, data = run_in_child(self.spec, self.rootdir, "run", exercise, self._payload(problem), timeout)
+        if status == "ok":
+            return data
+        return RunResult({}, self._failure(status, data, timeout))
+
+    def verdicts(self, exercise: str, problem: Problem, timeout: float | None) -> list[Any] | None:
+        if exercise != "lines":
+            return None
+        from .perline import judge_answers
+
+        status, data = run_in_child(self.spec, self.rootdir, "lines", exercise, self._payload(problem), timeout)
+        if status != "ok":
+            error = self._failure(status, data, timeout)
+            data = {"loss": (None, error)}
+        return judge_answers(data, problem)

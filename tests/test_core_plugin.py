@@ -1,0 +1,124 @@
+"""The real plugin, run as users run it (pytester subprocesses)."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import solution_with, write_script
+
+IMPL = "--backprop-impl={}"
+
+
+def test_reference_module_passes_all_checks(pytester):
+    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=reference_model.backward", "-q")
+    # 26 atomic gradients + the Exercise 2 and 3 functions of the same module
+    result.assert_outcomes(passed=28)
+    result.stdout.fnmatch_lines(["*ex2*logits*ok*", "*ex3*hprebn*ok*", "*28 gradients: 28 pass*"])
+
+
+def test_a_wrong_answer_fails_at_its_tensor(pytester):
+    script = write_script(pytester, solution_with("dbngain = (bnraw * dhpreact).sum(0, keepdim=True)",
+                                                  "dbngain = (bnraw * dhpreact).sum(0, keepdim=True) * 1.5"))
+    result = pytester.runpytest_subprocess("--backprop", IMPL.format(script), "-q", "-rf")
+    result.assert_outcomes(passed=25, failed=1)
+    result.stdout.fnmatch_lines(["FAILED backprop::ex1::bngain*"])
+
+
+def test_unwritten_gradients_are_skipped_not_failed(pytester):
+    script = write_script(pytester, "dlogprobs = torch.zeros_like(logprobs)\ndlogprobs[range(n), Yb] = -1.0 / n\n")
+    result = pytester.runpytest_subprocess("--backprop", IMPL.format(script), "-v")
+    result.assert_outcomes(passed=1, skipped=25)
+    result.stdout.fnmatch_lines(["*::probs SKIPPED (dprobs: not attempted: no dprobs yet)*",
+                                 "*1 pass, 0 fail, 0 error, 25 not attempted*"])
+    assert result.ret == 0
+
+
+def test_backprop_without_implementation_is_a_usage_error(pytester):
+    result = pytester.runpytest_subprocess("--backprop")
+    assert result.ret == 4  # pytest's usage error
+    result.stderr.fnmatch_lines(["*--backprop-impl=*", "*backprop_impl*"])
+
+
+def test_implementation_from_the_ini_file_and_k_selection(pytester, ex1_solution):
+    pytester.makeini(f"[pytest]\nbackprop_impl = {ex1_solution}\n")
+    result = pytester.runpytest_subprocess("--backprop", "-q", "-k", "counts_sum_inv or b1")
+    result.assert_outcomes(passed=2, deselected=24)
+
+
+def test_header_names_dataset_seed_dtype_rule_and_implementation(pytester, ex1_solution):
+    result = pytester.runpytest_subprocess("--backprop", IMPL.format(ex1_solution), "--backprop-dtype=float64",
+                                           "--backprop-seed=7", "--co")
+    result.stdout.fnmatch_lines([
+        "backprop: dataset embedded*(5163 words), seed 7, dtype float64",
+        "backprop: tolerance rule: no worse than 10x*",
+        f"backprop: implementation {ex1_solution}*",
+    ])
+
+
+def test_json_report_follows_the_contract(pytester):
+    script = write_script(pytester, solution_with("dprobs = (1.0 / probs) * dlogprobs", "dprobs = probs"))
+    out = pytester.path / "report.json"
+    pytester.runpytest_subprocess("--backprop", IMPL.format(script), f"--backprop-json={out}", "-q")
+    data = json.loads(out.read_text())
+    assert data["implementation"] == str(script)
+    assert data["dataset"]["words"] == 5163 and data["dataset"]["source"].startswith("embedded")
+    assert data["seed"] == 2147483647 and data["dtype"] == "float32"
+    assert [c["tensor"] for c in data["checks"]][:3] == ["logprobs", "probs", "counts_sum_inv"]
+    logprobs, probs = data["checks"][0], data["checks"][1]
+    assert logprobs == {**logprobs, "exercise": "ex1", "status": "pass", "exact": True, "approximate": True,
+                        "expected_shape": [32, 27], "actual_shape": [32, 27]}
+    assert logprobs["diagnosis"]["code"] == "ok"
+    assert probs["status"] == "fail" and probs["approximate"] is False and probs["maxdiff"] > 0
+    assert set(probs["diagnosis"]) == {"code", "message"}
+    assert isinstance(data["warnings"], list)
+
+
+def test_a_crash_is_an_error_with_location_and_earlier_gradients_still_checked(pytester):
+    source = solution_with("dcounts = counts_sum_inv * dprobs", "raise ValueError('oops')")
+    script = write_script(pytester, source)
+    line = source.splitlines().index("raise ValueError('oops')") + 1
+    result = pytester.runpytest_subprocess("--backprop", IMPL.format(script), "-q")
+    # logprobs, probs, counts_sum_inv computed before the crash; counts_sum is where it stopped
+    result.assert_outcomes(passed=3, failed=1, skipped=22)
+    result.stdout.fnmatch_lines([f"*ValueError: oops at *student.py:{line}*", "*raise ValueError('oops')*",
+                                 "*3 pass, 0 fail, 1 error, 22 not attempted*"])
+
+
+def test_plugin_off_imports_no_torch(pytester):
+    pytester.makepyfile(test_plain="""
+        import sys
+        def test_nothing_heavy():
+            assert "torch" not in sys.modules
+            assert "hypothesis" not in sys.modules or True  # hypothesis's own plugin may load it
+    """)
+    result = pytester.runpytest_subprocess("-q", "-p", "backprop")
+    result.assert_outcomes(passed=1)
+
+
+def test_fixtures_work_without_backprop_and_can_be_overridden(pytester):
+    pytester.makeconftest("""
+        import pytest
+        @pytest.fixture(scope="session")
+        def makemore_config():
+            from reference_model.model import Config
+            return Config(n_hidden=16, batch_size=8)
+    """)
+    pytester.makepyfile(test_kit="""
+        import torch
+        from pytest_backprop import assert_grad_matches
+
+        def test_forward(makemore_forward, makemore_params, makemore_batch):
+            f = makemore_forward
+            assert f.n == 8 and f["h"].shape == (8, 16)
+            assert makemore_params["W1"].shape == (30, 16)
+            dlogprobs = torch.zeros_like(f["logprobs"])
+            dlogprobs[range(f.n), f.Yb] = -1.0 / f.n
+            assert_grad_matches(dlogprobs, f["logprobs"], name="logprobs")
+
+        def test_wrong(makemore_forward):
+            f = makemore_forward
+            assert_grad_matches(torch.zeros_like(f["logprobs"]), f["logprobs"], name="logprobs")
+    """)
+    result = pytester.runpytest_subprocess("-q")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*dlogprobs: 8 of 216 elements*"])
