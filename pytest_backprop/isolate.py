@@ -10,7 +10,7 @@ main thread), every run gets fresh copies of the values, and patched attributes 
 (:func:`pytest_backprop.usercode.guard_torch`).
 
 With ``--backprop-isolate`` each run (one exercise, or the per-line answers) happens in a fresh
-child process started with the ``spawn`` method: the child loads the implementation, rebuilds the
+child Python process (spawned: a new interpreter, nothing inherited but ``sys.path``): the child loads the implementation, rebuilds the
 problem from the parameters and batch it is sent, runs the user's code and sends back only the
 answers (tensors, detached). Comparison and verdicts happen in the parent, so nothing the user's
 code does to its own process (exit, crash, monkeypatching, an endless loop in C code that ignores
@@ -26,8 +26,10 @@ Each run costs a process start (~1-3 s: importing torch). Example::
 
 from __future__ import annotations
 
-import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from reference_model.model import LINES
 
 from .loaders import Implementation, LoadError, RunResult
 from .problem import Problem
@@ -64,62 +68,78 @@ def _portable(value: Any) -> Any:
         return Opaque(f"a {type(value).__module__}.{type(value).__qualname__}")
 
 
-def _child(conn: Any, spec: str, rootdir: str, task: str, exercise: str | None, payload: Any, timeout: float | None) -> None:
-    """Entry point of the child process: load, run, send ``(status, data)`` back."""
-    try:
-        from .loaders import load_implementation
-        from .problem import problem_from_batch
+def _child(spec: str, rootdir: str, task: str, exercise: str | None, payload: Any, timeout: float | None) -> tuple[str, Any]:
+    """The child's work: load, run, and return ``(status, data)`` for the parent."""
+    from .loaders import load_implementation
+    from .problem import problem_from_batch
 
-        try:
-            impl = load_implementation(spec, Path(rootdir))
-        except LoadError as exc:
-            conn.send(("load_error", str(exc)))
-            return
-        if task == "describe":
-            conn.send(("ok", (impl.exercises(), impl.description)))
-            return
-        config, params, Xb, Yb, dtype = payload
-        problem = problem_from_batch(config, params, Xb, Yb, dtype=dtype)
-        if task == "lines":
-            answers = impl.line_answers(problem, timeout)
-            conn.send(("ok", {k: ({n: _portable(v) for n, v in a.items()} if a is not None else None, e)
-                              for k, (a, e) in answers.items()}))
-            return
-        result = impl.run(exercise, problem, timeout)
-        result.grads = {k: _portable(v) for k, v in result.grads.items()}
-        conn.send(("ok", result))
+    try:
+        impl = load_implementation(spec, Path(rootdir))
+    except LoadError as exc:
+        return "load_error", str(exc)
+    if task == "describe":
+        return "ok", (impl.exercises(), impl.description)
+    config, params, Xb, Yb, dtype = payload
+    problem = problem_from_batch(config, params, Xb, Yb, dtype=dtype)
+    if task == "lines":
+        answers = impl.line_answers(problem, timeout)
+        return "ok", {k: ({n: _portable(v) for n, v in a.items()} if a is not None else None, e)
+                      for k, (a, e) in answers.items()}
+    result = impl.run(exercise, problem, timeout)
+    result.grads = {k: _portable(v) for k, v in result.grads.items()}
+    return "ok", result
+
+
+def child_main() -> None:
+    """Entry point of ``python -c``: read the pickled task on stdin, write the pickled answer on the
+    original stdout (the user's prints go to stderr)."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    args = pickle.load(sys.stdin.buffer)
+    sys.path[:] = args.pop("sys_path")
+    try:
+        answer = _child(**args)
     except BaseException:  # noqa: BLE001 -- report anything to the parent
-        conn.send(("crash", traceback.format_exc()))
-    finally:
-        conn.close()
+        answer = ("crash", traceback.format_exc())
+    try:
+        data = pickle.dumps(answer)
+    except Exception:  # noqa: BLE001
+        data = pickle.dumps(("crash", traceback.format_exc()))
+    out.write(data)
+    out.flush()
+    os._exit(0)  # skip interpreter teardown: user code may have left threads or handlers behind
 
 
 def run_in_child(spec: str, rootdir: Path, task: str, exercise: str | None = None, payload: Any = None,
                  timeout: float | None = None) -> tuple[str, Any]:
-    """Run one task in a spawned child; ``("ok", data)``, ``("load_error", msg)`` or ``("died", msg)``."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, spec, str(rootdir), task, exercise, payload, timeout), daemon=True)
-    proc.start()
-    child.close()
-    limit = (timeout or 0) + STARTUP_GRACE if timeout else None
+    """Run one task in a fresh Python process; ``("ok", data)``, ``("load_error", msg)``, ``("crash", tb)``
+    or ``("died", msg)``.
+
+    The child is a new interpreter (like multiprocessing's ``spawn``) started with
+    ``python -c`` rather than multiprocessing, so that the parent's ``__main__`` is never re-imported.
+    """
+    args = dict(spec=spec, rootdir=str(rootdir), task=task, exercise=exercise, payload=payload, timeout=timeout,
+                sys_path=list(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", "from pytest_backprop.isolate import child_main; child_main()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(rootdir))
+    limit = (timeout + STARTUP_GRACE) if timeout else None
     start = time.monotonic()
     try:
-        if not parent.poll(limit):
-            return "died", (f"still running after {time.monotonic() - start:.0f} s (--backprop-timeout {timeout:g} s "
-                            "plus start-up); the child process was killed")
-        return parent.recv()
-    except (EOFError, OSError):
-        proc.join(5)
-        code = proc.exitcode
+        out, err = proc.communicate(pickle.dumps(args), timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return "died", (f"still running after {time.monotonic() - start:.0f} s (--backprop-timeout {timeout:g} s "
+                        "plus start-up); the child process was killed")
+    try:
+        return pickle.loads(out)
+    except Exception:  # noqa: BLE001 -- no (complete) answer: the process ended early
+        code = proc.returncode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
         return "died", (f"the process running your code {how} before returning any gradient "
-                        "(os._exit, sys.exit outside the checked code, or a crash)")
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
-        parent.close()
+                        "(os._exit, a crash, or running out of memory)" + (": " + " / ".join(tail) if tail else ""))
 
 
 class IsolatedImplementation(Implementation):
@@ -132,7 +152,9 @@ class IsolatedImplementation(Implementation):
     """
 
     def __init__(self, spec: str, rootdir: Path, timeout: float | None = None):
-        self.spec, self.rootdir = spec, rootdir
+        local = Path(spec)
+        self.spec = str(local.resolve()) if local.is_file() else spec  # the child's cwd is the rootdir
+        self.rootdir = rootdir
         status, data = run_in_child(spec, rootdir, "describe", timeout=timeout)
         if status != "ok":
             raise LoadError(data if status != "crash" else f"cannot load {spec} in a child process:\n{data}")
@@ -166,5 +188,5 @@ class IsolatedImplementation(Implementation):
         status, data = run_in_child(self.spec, self.rootdir, "lines", exercise, self._payload(problem), timeout)
         if status != "ok":
             error = self._failure(status, data, timeout)
-            data = {"loss": (None, error)}
+            data = {line.output: (None, error) for line in LINES}
         return judge_answers(data, problem)

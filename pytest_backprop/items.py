@@ -76,10 +76,23 @@ class BackpropCollector(pytest.Collector):
 
 
 def collect_builtin_items(session: pytest.Session) -> list[pytest.Item]:
-    """All built-in items, to be put in front of the user's own tests."""
-    def flatten(node: pytest.Node) -> list[pytest.Item]:
-        if isinstance(node, pytest.Item):
-            return [node]
-        return [item for child in node.collect() for item in flatten(child)]
+    """All built-in items, to be put in front of the user's own tests.
+
+    Each collector's report goes through the ``pytest_collectreport`` hook, so the terminal's
+    "collected N items" counts them and ``--collect-only`` lists them like any other test.
+    """
+    from _pytest.reports import CollectReport
+
+    def flatten(node: pytest.Collector) -> list[pytest.Item]:
+        children = node.collect()
+        session.ihook.pytest_collectreport(report=CollectReport(node.nodeid, "passed", None, children))
+        items: list[pytest.Item] = []
+        for child in children:
+            if isinstance(child, pytest.Item):
+                session.ihook.pytest_itemcollected(item=child)
+                items.append(child)
+            else:
+                items.extend(flatten(child))
+        return items
 
     return flatten(BackpropCollector.from_parent(session, name="backprop", nodeid="backprop"))

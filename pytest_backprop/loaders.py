@@ -376,7 +376,14 @@ def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
             if lineno is not None and tensor not in run.overrides:
                 run.overrides[tensor] = Diagnosis("reads_autograd", _autograd_message(tensor, *at(lineno)))
         err = run.error
-        if err is not None and err.source_line and _AUTOGRAD_TEXT.search(err.source_line) and err.code is None:
+        copied = [v for v in use.assigned if err is not None and err.source_line
+                  and re.search(rf"\b{re.escape(v)}\b", err.source_line)]
+        if err is not None and err.code is None and copied and "NoneType" in err.message:
+            line = use.assigned[copied[0]]
+            run.error = dc_replace(err, code="reads_autograd", message=(
+                f"{err.message} -- `{copied[0]}` is None: it was copied from autograd at {at(line)[0]}, but the kit "
+                "hands your code tensors without .grad and checks your own derivation; compute it by the chain rule"))
+        elif err is not None and err.source_line and _AUTOGRAD_TEXT.search(err.source_line) and err.code is None:
             run.error = dc_replace(err, code="reads_autograd", message=(
                 f"{err.message} -- this line reads autograd (.grad / .backward()), but the kit hands your code "
                 "tensors without .grad and no graph: it checks your own derivation, so compute the gradient "

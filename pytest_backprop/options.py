@@ -50,6 +50,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("json", "write the machine-readable report to this path", metavar="PATH"),
     Option("timeout", "seconds each run of user code may take before it is stopped (default 60; 0: no limit)",
            kind="float", default=60.0, metavar="SECONDS"),
+    Option("isolate", "run the implementation's code in a spawned child process (tensors sent back), so that "
+           "sys.exit, os._exit, a crash or monkeypatching torch cannot end pytest or change a verdict; "
+           "slower (a process start per run). In-process is not a sandbox", kind="bool", default=False),
     Option("gradescope", "write Gradescope's results.json to this path (works without --backprop too: "
            "then only your own tests are graded)", metavar="PATH"),
     Option("points", "points of the tests in --backprop-gradescope results: PATTERN=POINTS entries, e.g. "

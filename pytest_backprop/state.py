@@ -89,7 +89,13 @@ class KitState:
             from .loaders import LoadError, load_implementation
 
             try:
-                self._implementation = load_implementation(self.settings.impl, self.settings.rootdir)
+                if self.option("isolate"):
+                    from .isolate import IsolatedImplementation
+
+                    self._implementation = IsolatedImplementation(self.settings.impl, self.settings.rootdir,
+                                                                  self.settings.timeout)
+                else:
+                    self._implementation = load_implementation(self.settings.impl, self.settings.rootdir)
             except LoadError as exc:
                 self._load_error = str(exc)
         return self._implementation

@@ -122,3 +122,20 @@ def test_fixtures_work_without_backprop_and_can_be_overridden(pytester):
     result = pytester.runpytest_subprocess("-q")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*dlogprobs: 8 of 216 elements*"])
+
+
+def test_float64_run_and_names_file_from_the_rootdir(pytester, ex1_solution):
+    words = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn"] * 10
+    (pytester.path / "names.txt").write_text("\n".join(words) + "\n")
+    result = pytester.runpytest_subprocess("--backprop", IMPL.format(ex1_solution), "--backprop-dtype=float64", "-q")
+    result.assert_outcomes(passed=26)
+    result.stdout.fnmatch_lines(["*26 gradients: 26 pass*"])
+    header = pytester.runpytest_subprocess("--backprop", IMPL.format(ex1_solution), "--co")
+    header.stdout.fnmatch_lines(["backprop: dataset *names.txt (100 words)*", "collected 26 items"])
+
+
+def test_no_header_when_off(pytester):
+    pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    assert "backprop:" not in result.stdout.str()

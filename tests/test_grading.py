@@ -1,0 +1,240 @@
+"""Grading: points, hidden checks, Gradescope's results.json, and a valid file whatever happens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401 -- imported once here: in-process pytester runs must not re-import torch
+
+from conftest import solution_with, write_script
+from pytest_backprop import gradescope as gs
+from pytest_backprop.report import render_verdict
+from pytest_backprop.verdict import Verdict
+
+INSTRUCTOR_TESTS = """
+import pytest
+
+@pytest.mark.backprop_points(3)
+def test_worth_three():
+    pass
+
+@pytest.mark.backprop_hidden
+def test_hidden_and_failing():
+    assert 1 == 2, "hidden check failed"
+
+@pytest.mark.backprop_hidden(visibility="after_due_date")
+@pytest.mark.backprop_points(0.5)
+def test_half_after_due_date():
+    pass
+
+def test_default_one_point_skipped():
+    pytest.skip("not attempted yet")
+
+def test_torch_not_imported():
+    import sys
+    assert "torch" not in sys.modules
+"""
+
+
+def load_results(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert gs.is_valid_results(path)
+    assert set(data) >= {"score", "execution_time", "output", "tests"}
+    for test in data["tests"]:
+        assert set(test) >= {"name", "score", "max_score", "status", "output", "visibility"}
+        assert test["status"] in ("passed", "failed")
+        assert test["visibility"] in gs.VISIBILITIES
+        assert test["score"] == (test["max_score"] if test["status"] == "passed" else 0)
+    assert data["score"] == sum(t["score"] for t in data["tests"])
+    return data
+
+
+def by_name(data: dict) -> dict[str, dict]:
+    return {t["name"]: t for t in data["tests"]}
+
+
+# --- the settings ------------------------------------------------------------------------------
+
+def test_points_exact_key_beats_patterns_in_any_order():
+    for text in ("ex1=1 ex2=3 ex1::b1=2", "ex1::b1=2, ex2=3, ex1=1", ["ex1::b1=2", "ex1=1", "ex2=3"]):
+        rules = gs.parse_points(text)
+        assert gs.points_for("ex1::b1", rules) == 2.0
+        assert gs.points_for("ex1::h", rules) == 1.0
+        assert gs.points_for("ex2::logits", rules) == 3.0
+        assert gs.points_for("ex3::hprebn", rules) == gs.DEFAULT_POINTS
+
+
+def test_points_last_matching_pattern_wins_and_node_ids_match():
+    rules = gs.parse_points("*=0 ex1=2 tests/test_hw.py::*=4")
+    assert gs.points_for("ex1::C", rules) == 2.0
+    assert gs.points_for("ex3::hprebn", rules) == 0.0
+    assert gs.points_for("tests/test_hw.py::test_a", rules) == 4.0
+    assert gs.points_for(gs.check_key("backprop::ex1::C"), rules) == 2.0
+
+
+@pytest.mark.parametrize("text, words", [
+    ("ex1:3", "PATTERN=POINTS"), ("ex1=-1", ">= 0"), ("ex1=lots", ">= 0"), ("=2", "PATTERN=POINTS"),
+    ("ex1=nan", ">= 0"),
+])
+def test_bad_points_are_usage_errors(text, words):
+    with pytest.raises(pytest.UsageError, match=words):
+        gs.parse_points(text)
+
+
+def test_hidden_patterns():
+    rules = gs.parse_hidden("ex3 ex1::b1=after_due_date")
+    assert gs.visibility_for("ex3::hprebn", rules) == "hidden"
+    assert gs.visibility_for("ex1::b1", rules) == "after_due_date"
+    assert gs.visibility_for("ex1::C", rules) == "visible"
+    with pytest.raises(pytest.UsageError, match="VISIBILITY"):
+        gs.parse_hidden("ex1=secret")
+
+
+# --- results.json as a file --------------------------------------------------------------------
+
+def test_results_json_sums_passed_cases_and_is_strict_json(tmp_path):
+    cases = [gs.Case("a", 2, True, "ok"), gs.Case("b", 1.5, False, "x" * (gs.MAX_OUTPUT + 10), "hidden")]
+    data = gs.results_json(cases, output="summary", execution_time=1.23456)
+    assert data["score"] == 2 and data["extra_data"]["max_score"] == 3.5
+    assert data["tests"][1]["output"].endswith("(truncated)") and data["tests"][1]["visibility"] == "hidden"
+    gs.write_results(tmp_path / "sub" / "results.json", data)
+    assert load_results(tmp_path / "sub" / "results.json")["execution_time"] == 1.235
+
+
+def test_ensure_writes_a_crash_result_only_when_needed(tmp_path, capsys):
+    path, log = tmp_path / "results.json", tmp_path / "pytest.log"
+    log.write_text("Fatal Python error: Segmentation fault\n")
+    assert gs.ensure_results(path, log=log)
+    data = load_results(path)
+    assert data["score"] == 0 and data["tests"][0]["visibility"] == "visible"
+    assert "Segmentation fault" in data["tests"][0]["output"]
+    assert not gs.ensure_results(path)  # valid now: left alone
+    path.write_text('{"score": 3, "tests": [')  # half a file
+    assert gs.main(["--ensure", str(path)]) == 0
+    assert "wrote a crash result" in capsys.readouterr().out
+    assert load_results(path)["extra_data"]["crashed"] is True
+
+
+# --- through the plugin ------------------------------------------------------------------------
+
+def test_instructor_tests_alone_no_backprop_no_torch(pytester):
+    """Without --backprop: markers registered (--strict-markers), points and visibility, no torch."""
+    pytester.makepyfile(test_hw=INSTRUCTOR_TESTS)
+    out = pytester.path / "out" / "results.json"
+    result = pytester.runpytest_subprocess("--strict-markers", f"--backprop-gradescope={out}", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, failed=1, skipped=1)
+    data = load_results(out)
+    tests = by_name(data)
+    assert tests["test_hw.py::test_worth_three"]["max_score"] == 3
+    assert tests["test_hw.py::test_hidden_and_failing"]["visibility"] == "hidden"
+    assert "hidden check failed" in tests["test_hw.py::test_hidden_and_failing"]["output"]
+    assert tests["test_hw.py::test_half_after_due_date"]["visibility"] == "after_due_date"
+    assert tests["test_hw.py::test_default_one_point_skipped"] == {
+        "name": "test_hw.py::test_default_one_point_skipped", "score": 0, "max_score": 1, "status": "failed",
+        "output": "skipped: not attempted yet", "visibility": "visible"}
+    assert tests["test_hw.py::test_torch_not_imported"]["status"] == "passed"
+    assert data["score"] == 3 + 0.5 + 1 and data["extra_data"]["max_score"] == 3 + 1 + 0.5 + 1 + 1
+    result.stdout.fnmatch_lines(["*Gradescope results written to*(score 4.5 / 6.5)*"])
+
+
+def test_malformed_marker_fails_its_test_with_zero_points(pytester):
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.backprop_points("two")
+        def test_bad():
+            pass
+    """)
+    out = pytester.path / "results.json"
+    result = pytester.runpytest(f"--backprop-gradescope={out}")
+    result.assert_outcomes(errors=1)
+    test = load_results(out)["tests"][0]
+    assert test["status"] == "failed" and test["max_score"] == 0
+    assert "backprop_points: points must be a number >= 0, got 'two'" in test["output"]
+
+
+def test_verdicts_json_and_gradescope_render_the_same_verdicts(pytester):
+    """A keepdim mistake costs exactly dbnbias's points; its output is the verdict's rendering."""
+    impl = write_script(pytester, solution_with("dbnbias = dhpreact.sum(0, keepdim=True)", "dbnbias = dhpreact.sum(0)"))
+    pytester.makepyfile(test_hw=INSTRUCTOR_TESTS.replace("import sys", "import sys; return"))
+    out, report = pytester.path / "results.json", pytester.path / "report.json"
+    result = pytester.runpytest(
+        "--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}", f"--backprop-json={report}",
+        "--backprop-points=ex1=0.5 ex1::bnbias=2", "--backprop-hidden=ex1::C", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=25 + 3, failed=1 + 1, skipped=1)
+    data, checks = load_results(out), json.loads(report.read_text())["checks"]
+    builtin = [t for t in data["tests"] if t["name"].startswith("ex1: ")]
+    assert [t["name"] for t in builtin] == [f"ex1: d{c['tensor']}" for c in checks]  # same order as the table
+    for test, check in zip(builtin, checks):
+        assert test["output"] == render_verdict(Verdict.from_json(check))
+        assert (test["status"] == "passed") == (check["status"] == "pass")
+    tests = by_name(data)
+    assert tests["ex1: dbnbias"]["status"] == "failed" and tests["ex1: dbnbias"]["max_score"] == 2
+    assert "[keepdim]" in tests["ex1: dbnbias"]["output"]
+    assert tests["ex1: dC"]["visibility"] == "hidden" and tests["ex1: dC"]["max_score"] == 0.5
+    assert data["score"] == 25 * 0.5 + 3 + 0.5 + 1
+    assert "26 gradients: 25 pass, 1 fail" in data["output"]  # the terminal's table, top-level
+
+
+@pytest.mark.parametrize("kind", ["syntax", "import", "missing", "raises"])
+def test_unrunnable_submission_still_yields_a_valid_file(pytester, kind):
+    sources = {
+        "syntax": ("student.py", "dlogprobs = (\n"),
+        "import": ("student.py", "import no_such_module_xyz\n\ndef backward(cache):\n    return {}\n"),
+        "raises": ("student.py", "dlogprobs = torch.zeros_like(logprobs)\nx = 1 / 0\n"),
+    }
+    if kind == "missing":
+        impl = pytester.path / "nothing_here.py"
+    else:
+        name, source = sources[kind]
+        impl = write_script(pytester, source, name)
+    out = pytester.path / "results.json"
+    pytester.runpytest("--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}",
+                       "--backprop-hidden=*", "-p", "no:cacheprovider")
+    data = load_results(out)
+    errors = [t for t in data["tests"] if t["status"] == "failed" and t["visibility"] == "visible"]
+    assert errors, "why it failed must be visible, even with every check hidden"
+    expected = {"syntax": "was never closed", "import": "no_such_module_xyz", "missing": "no such file",
+                "raises": "ZeroDivisionError"}[kind]
+    assert expected in errors[0]["output"]
+    assert data["score"] == 0 and data["extra_data"]["max_score"] == 26
+
+
+def test_usage_error_still_yields_a_valid_file(pytester):
+    out = pytester.path / "results.json"
+    result = pytester.runpytest("--backprop", f"--backprop-gradescope={out}")  # no --backprop-impl
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    test = load_results(out)["tests"][0]
+    assert test["status"] == "failed" and test["visibility"] == "visible" and "--backprop-impl" in test["output"]
+
+
+def test_bad_points_setting_still_yields_a_valid_file(pytester):
+    pytester.makeini("[pytest]\nbackprop_points = ex1:3\n")
+    out = pytester.path / "results.json"
+    result = pytester.runpytest(f"--backprop-gradescope={out}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "PATTERN=POINTS" in load_results(out)["tests"][0]["output"]
+
+
+def test_collection_error_is_a_visible_failed_test(pytester, ex1_solution):
+    pytester.makepyfile(test_broken="import no_such_module_xyz\n")
+    out = pytester.path / "results.json"
+    pytester.runpytest("--backprop", f"--backprop-impl={ex1_solution}", f"--backprop-gradescope={out}",
+                       "--continue-on-collection-errors", "-p", "no:cacheprovider")
+    data = load_results(out)
+    broken = by_name(data)["Collection error: test_broken.py"]
+    assert broken["visibility"] == "visible" and "no_such_module_xyz" in broken["output"]
+    assert data["score"] == 26  # the built-in checks still ran
+
+
+def test_ensure_cli_runs_without_torch(tmp_path):
+    path = tmp_path / "results.json"
+    code = ("import sys, runpy; sys.argv = ['x', '--ensure', sys.argv[1]]; "
+            "from pytest_backprop import gradescope; gradescope.main(sys.argv[1:]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+    assert load_results(path)["score"] == 0
