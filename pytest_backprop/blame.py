@@ -18,12 +18,16 @@ The rule, applied to every failing gradient in backward order:
    against that "what it should be" instead of the truth. When a wrong upstream gradient cannot be
    used (wrong shape or type), the local step cannot be checked and ``d<t>`` is ``inherited``.
 3. An own-fault gradient gets the most specific hint found, in this order:
-   ``aliased`` (it shares storage with another gradient and the storage was modified in place:
-   ``dhprebn = dbndiff`` then ``dhprebn += ...``); ``missing_branch`` (the answer is the sum of
-   the contributions through a strict subset of the consuming lines, or for ``C[Xb]`` keeps only
-   one of the repeated rows); a per-branch ``scale``/``sign`` (one line's contribution is c
-   times what it should be, e.g. the missing 2 of ``bndiff**2``); otherwise the single-comparison
-   hint of :func:`pytest_backprop.diagnose.diagnose` (``scale``, ``sign``, ``keepdim``, ...).
+   ``aliased`` (it shares storage with another gradient, the storage was modified in place, and
+   it now holds that other gradient's right answer: ``dhprebn = dbndiff`` then ``dhprebn += ...``);
+   ``missing_branch`` (the answer is the sum of the contributions through a strict subset of the
+   consuming lines, or for ``C[Xb]`` keeps only one of the repeated rows); a per-branch
+   ``scale``/``sign`` (one line's contribution is c times what it should be, e.g. the missing 2 of
+   ``bndiff**2``); otherwise the single-comparison hint of
+   :func:`pytest_backprop.diagnose.diagnose` (``scale``, ``sign``, ``keepdim``, ...), except that
+   an unexplained ``mismatch`` of a tensor bound to a second gradient name (``du = dt``, modified
+   in place) is ``aliased`` too. A view that is legitimately shared (``demb = dembcat.view(...)``)
+   is never blamed for aliasing unless it holds the other gradient's answer.
 
 All hint codes (the JSON ``diagnosis.code`` contract): ``ok``, ``scale``, ``sign``,
 ``unreduced``, ``keepdim``, ``transposed``, ``missing_branch``, ``aliased``, ``nonfinite``,
@@ -66,7 +70,8 @@ def _upstream_grad(line: Line, grads: Mapping[str, Any], problem: Problem, *, us
     return truth
 
 
-def contributions(tensor: str, grads: Mapping[str, Any], problem: Problem, *, user: bool) -> list[tuple[Line, torch.Tensor]]:
+def contributions(tensor: str, grads: Mapping[str, Any], problem: Problem, *,
+                  user: bool) -> list[tuple[Line, torch.Tensor]]:
     """Each consuming line's contribution to ``d<tensor>``, from the true upstream gradients or
     (``user=True``) from the user's own where they gave a usable one.
 
@@ -82,16 +87,25 @@ def contributions(tensor: str, grads: Mapping[str, Any], problem: Problem, *, us
     return out
 
 
-def _aliased_with(tensor: str, grads: Mapping[str, Any]) -> str | None:
-    """Another gradient sharing ``d<tensor>``'s storage, where that storage was modified in place."""
+def _aliased_with(tensor: str, grads: Mapping[str, Any], problem: Problem) -> tuple[str, bool] | None:
+    """Another gradient sharing ``d<tensor>``'s storage, where that storage was modified in place, and
+    whether ``d<tensor>`` now holds that other gradient's right answer (the clearest sign)."""
     mine = grads.get(tensor)
     if not isinstance(mine, torch.Tensor) or mine._version == 0:
         return None
     ptr = mine.untyped_storage().data_ptr()
+    found = None
     for other, value in grads.items():
-        if other != tensor and isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == ptr:
-            return other
-    return None
+        if other == tensor or not isinstance(value, torch.Tensor) or value.untyped_storage().data_ptr() != ptr:
+            continue
+        truth = problem.truth64.grads.get(other)
+        holds = (truth is not None and truth.numel() == mine.numel()
+                 and close(mine.detach().reshape(truth.shape), truth, problem.tolerances[other].atol))
+        if holds:
+            return other, True
+        if value is mine:  # `du = dt`: two names for one tensor
+            found = (other, False)
+    return found
 
 
 def _aliased_hint(tensor: str, other: str) -> Diagnosis:
@@ -123,7 +137,7 @@ def _branch_hint(tensor: str, actual: torch.Tensor, parts: list[tuple[Line, torc
                  n: int) -> Diagnosis | None:
     """Fit the answer as a weighted sum of the consuming lines' contributions and name what is off."""
     parts = [(ln, c) for ln, c in parts if c.shape == actual.shape and float(c.abs().max()) > atol]
-    if len(parts) < 2:
+    if len(parts) < 2 or actual.numel() < 4 * len(parts):  # too few numbers for a meaningful fit
         return None
     cols = torch.stack([c.double().flatten() for _, c in parts], dim=1)
     unit = cols / cols.norm(dim=0, keepdim=True)
@@ -158,9 +172,9 @@ def _branch_hint(tensor: str, actual: torch.Tensor, parts: list[tuple[Line, torc
 def _own_fault(tensor: str, verdict: Verdict, actual: Any, target: torch.Tensor, parts: list[tuple[Line, torch.Tensor]],
                grads: Mapping[str, Any], problem: Problem, given_upstream: bool) -> Diagnosis:
     """The most specific hint for a gradient whose mistake is (at least partly) its own."""
-    other = _aliased_with(tensor, grads)
-    if other is not None:
-        return _aliased_hint(tensor, other)
+    alias = _aliased_with(tensor, grads, problem)
+    if alias is not None and alias[1]:
+        return _aliased_hint(tensor, alias[0])
     if not _usable(actual, target) or not bool(torch.isfinite(actual).all()):
         return verdict.diagnosis
     atol = problem.tolerances[tensor].atol
@@ -169,6 +183,8 @@ def _own_fault(tensor: str, verdict: Verdict, actual: Any, target: torch.Tensor,
             or _branch_hint(tensor, actual, parts, atol, problem.n))
     if hint is not None:
         return hint
+    if alias is not None and verdict.diagnosis.code == "mismatch":
+        return _aliased_hint(tensor, alias[0])
     if not given_upstream:
         return verdict.diagnosis
     what = "what your upstream gradients imply"
@@ -181,7 +197,16 @@ def _own_fault(tensor: str, verdict: Verdict, actual: Any, target: torch.Tensor,
 
 def blame_one(tensor: str, verdict: Verdict, by_name: Mapping[str, Verdict], roots: Mapping[str, str],
               grads: Mapping[str, Any], problem: Problem) -> tuple[Diagnosis, dict[str, Any]]:
-    """The diagnosis (and details for the JSON) of one failing gradient; see the module docstring."""
+    """The diagnosis (and details for the JSON) of one failing gradient; see the module docstring.
+
+    ``by_name`` holds the verdicts so far (upstream ones already blamed), ``roots`` maps each
+    failing gradient to the own-fault gradient it comes from.
+
+    Example::
+
+        hint, details = blame_one("bndiff", verdict, by_name, {"bndiff2": "bndiff2"}, run.grads, problem)
+        hint.code, details["inherited_from"]   # ('inherited', 'bndiff2')
+    """
     actual = grads.get(tensor)
     lines = consumers(tensor)
     wrong = [ln for ln in lines if ln.output in by_name and by_name[ln.output].status == FAIL]
@@ -198,7 +223,7 @@ def blame_one(tensor: str, verdict: Verdict, by_name: Mapping[str, Verdict], roo
         return inherited, details
     parts = contributions(tensor, grads, problem, user=True)
     target = sum((c for _, c in parts[1:]), parts[0][1])
-    if False:
+    if _usable(actual, target) and close(actual.detach(), target, problem.tolerances[tensor].atol):
         return inherited, details
     return _own_fault(tensor, verdict, actual, target, parts, grads, problem, True), {}
 

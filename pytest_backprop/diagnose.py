@@ -59,7 +59,12 @@ def close(actual: torch.Tensor, target: torch.Tensor, atol: float, *, rel: float
 
 
 def significant(truth: torch.Tensor, atol: float) -> bool:
-    """Whether ``truth`` is clearly more than float noise (scale and sign hints need that)."""
+    """Whether ``truth`` is clearly more than float noise (scale and sign hints need that).
+
+    Example::
+
+        significant(problem.grads["b1"], problem.tolerances["b1"].atol)   # False: db1's truth is 0
+    """
     return truth.numel() > 0 and float(truth.detach().double().abs().max()) >= SIGNIFICANT * max(atol, 1e-30)
 
 
@@ -130,7 +135,12 @@ def name_constant(c: float, n: int | None) -> tuple[str, str] | None:
 
 
 def fit_scale(actual: torch.Tensor, target: torch.Tensor, atol: float) -> float | None:
-    """The constant c with actual ≈ c * target (None when no single constant fits)."""
+    """The constant c with actual ≈ c * target (None when no single constant fits).
+
+    Example::
+
+        fit_scale(-2 * truth, truth, 1e-8)   # -2.0
+    """
     a, t = actual.detach().double().flatten(), target.detach().double().flatten()
     tt = float(t @ t)
     if tt == 0.0 or not bool(torch.isfinite(a).all()):
@@ -157,7 +167,8 @@ def value_hint(name: str, actual: torch.Tensor, target: torch.Tensor, atol: floa
 
         value_hint("bndiff2", 31 / 32 * truth, truth, 1e-9, n=32).code   # 'scale'
     """
-    if actual.dim() == 2 and actual.shape[0] == actual.shape[1] and actual.shape[0] > 1 and close(actual.T, target, atol):
+    square = actual.dim() == 2 and actual.shape[0] == actual.shape[1] and actual.shape[0] > 1
+    if square and close(actual.T, target, atol):
         return _transposed(name, actual.shape, target.shape)
     if not significant(target, atol):
         return None
@@ -170,6 +181,8 @@ def value_hint(name: str, actual: torch.Tensor, target: torch.Tensor, atol: floa
     if named is not None:
         label, meaning = named
         return Diagnosis("scale", f"d{name} is {label} × {what}: {meaning}")
+    if target.numel() < 2:  # one number is always some multiple of another: say nothing
+        return None
     return Diagnosis("scale", f"d{name} is {c:.4g} × {what}: look for a wrong constant factor")
 
 
@@ -270,8 +283,9 @@ def shape_hint(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float
         diff = "; ".join(f"dim {i}: {a} vs {e}" for i, (a, e) in enumerate(zip(a_shape, e_shape)) if a != e)
     else:
         diff = f"{len(a_shape)} dimensions vs {len(e_shape)}"
+    wrong_dim = _wrong_dim(name, a_shape, e_shape, values)
     return Diagnosis("shape", f"d{name} has shape {_fmt(a_shape)} but {name} has shape {_fmt(e_shape)} ({diff}); "
-                              f"a gradient has exactly the shape of its tensor{_wrong_dim(name, a_shape, e_shape, values)}")
+                              f"a gradient has exactly the shape of its tensor{wrong_dim}")
 
 
 def diagnose(name: str, result: Comparison, *, n: int | None = None,
@@ -291,9 +305,17 @@ def diagnose(name: str, result: Comparison, *, n: int | None = None,
         n = values["n"]
     if result.problem == "type" or result.problem == "dtype":
         return Diagnosis("type", describe_failure(name, result))
+    try:
+        return _diagnose(name, result, n, values)
+    except Exception:  # noqa: BLE001 -- a hint must never crash a check; say what is known
+        code = "shape" if result.problem == "shape" else ("ok" if result.approximate else "mismatch")
+        return Diagnosis(code, describe_failure(name, result) if code != "ok" else "matches autograd")
+
+
+def _diagnose(name: str, result: Comparison, n: int | None, values: Mapping[str, Any] | None) -> Diagnosis:
     atol = result.tolerance.atol
     if result.problem == "shape":
-        return shape_hint(name, result.actual.detach(), result.truth, atol, values=values)
+        return shape_hint(name, result.actual.detach().to(result.truth.device), result.truth, atol, values=values)
     if result.approximate:
         return Diagnosis("ok", "matches autograd" + (" exactly" if result.exact else " within the tolerance rule"))
     if result.nonfinite and bool(torch.isfinite(result.truth).all()):
@@ -304,5 +326,5 @@ def diagnose(name: str, result: Comparison, *, n: int | None = None,
     if hint is not None:
         return hint
     if not bool(actual.any()) and significant(result.truth, atol):
-        return Diagnosis("mismatch", f"d{name} is all zeros: " + describe_failure(name, result))
+        return Diagnosis("mismatch", f"d{name} is all zeros; " + describe_failure(name, result))
     return Diagnosis("mismatch", describe_failure(name, result))

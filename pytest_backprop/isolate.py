@@ -142,6 +142,36 @@ def run_in_child(spec: str, rootdir: Path, task: str, exercise: str | None = Non
                         "(os._exit, a crash, or running out of memory)" + (": " + " / ".join(tail) if tail else ""))
 
 
+def static_description(spec: str, rootdir: Path) -> tuple[tuple[str, ...], str] | None:
+    """Exercises and description of a file implementation, found without running any of its code
+    (None for a dotted module name). Raises LoadError for a missing file or a syntax error."""
+    import ast
+
+    from .loaders import EXERCISE_FUNCTIONS, ScriptImplementation
+
+    path = next((p for p in (Path(spec), rootdir / spec) if p.is_file()), None)
+    if path is None:
+        if spec.endswith((".py", ".ipynb")) or "/" in spec:
+            raise LoadError(f"--backprop-impl: no such file: {spec} (looked in {Path.cwd()} and {rootdir})")
+        return None
+    if path.suffix == ".ipynb":
+        from .notebook import NotebookImplementation
+
+        impl = NotebookImplementation(path)
+        return impl.exercises(), impl.description
+    script = ScriptImplementation(path)  # compiles only; raises LoadError on a syntax error
+    body = ast.parse(script.source).body
+    if any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in body):
+        return None  # `from x import *` may bring functions in: ask a child
+    names = {n.name for n in body if isinstance(n, ast.FunctionDef)}
+    lines = any(n.startswith("backward_") for n in names) and "backward" not in names
+    if not lines and not ({"backward", *EXERCISE_FUNCTIONS.values()} & names):
+        return ("ex1",), script.description
+    found = ("ex1",) if "backward" in names or lines else ()
+    found += tuple(ex for ex, fn in EXERCISE_FUNCTIONS.items() if fn in names)
+    return (found or ("ex1",)) + (("lines",) if lines else ()), f"module {path}"
+
+
 class IsolatedImplementation(Implementation):
     """Any implementation form, run in a spawned child process for every run (see the module docstring).
 
@@ -155,9 +185,11 @@ class IsolatedImplementation(Implementation):
         local = Path(spec)
         self.spec = str(local.resolve()) if local.is_file() else spec  # the child's cwd is the rootdir
         self.rootdir = rootdir
-        status, data = run_in_child(spec, rootdir, "describe", timeout=timeout)
-        if status != "ok":
-            raise LoadError(data if status != "crash" else f"cannot load {spec} in a child process:\n{data}")
+        data = static_description(self.spec, rootdir)
+        if data is None:  # a module given by name: only importing it tells (in a child, of course)
+            status, data = run_in_child(self.spec, rootdir, "describe", timeout=timeout)
+            if status != "ok":
+                raise LoadError(data if status != "crash" else f"cannot load {spec} in a child process:\n{data}")
         self._exercises, inner = data
         self.description = f"{inner} (isolated)"
 

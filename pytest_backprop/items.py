@@ -72,7 +72,17 @@ class BackpropCollector(pytest.Collector):
     def collect(self) -> list[pytest.Collector]:
         state = get_state(self.config)
         assert state is not None
-        return [ExerciseCollector.from_parent(self, name=ex, exercise=ex) for ex in state.exercises()]
+        children: list[pytest.Collector] = [ExerciseCollector.from_parent(self, name=ex, exercise=ex)
+                                            for ex in state.exercises()]
+        from .exercise4 import SgdCollector, wanted  # Exercise 4 (issue 5)
+
+        if wanted(state):
+            children.append(SgdCollector.from_parent(self, name="ex4"))
+        if state.implementation is not None and state.option("examples") > 0:  # hypothesis properties (issue 4)
+            from .property_items import PropertyCollector
+
+            children.append(PropertyCollector.from_parent(self, name="properties"))
+        return children
 
 
 def collect_builtin_items(session: pytest.Session) -> list[pytest.Item]:

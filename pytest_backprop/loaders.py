@@ -22,6 +22,7 @@ verdict. This is not a sandbox: see :mod:`pytest_backprop.isolate` (``--backprop
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import importlib
 import importlib.util
@@ -320,10 +321,20 @@ class AutogradUse:
 def autograd_use(source: str) -> AutogradUse:
     """Scan user source (never run) for ``.grad``, ``.backward()``, ``retain_grad`` and ``torch.autograd``.
 
+    The scan of a given source is done once (Exercise 4 runs the same code 50 times); each call
+    returns a fresh copy.
+
     Example::
 
         autograd_use("dhpreact = hpreact.grad").assigned   # {'dhpreact': 1}
     """
+    import copy
+
+    return copy.deepcopy(_autograd_use_once(source))
+
+
+@functools.lru_cache(maxsize=64)
+def _autograd_use_once(source: str) -> AutogradUse:
     use = AutogradUse()
     try:
         tree = ast.parse(source)

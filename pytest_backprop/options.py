@@ -53,6 +53,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("isolate", "run the implementation's code in a spawned child process (tensors sent back), so that "
            "sys.exit, os._exit, a crash or monkeypatching torch cannot end pytest or change a verdict; "
            "slower (a process start per run). In-process is not a sandbox", kind="bool", default=False),
+    Option("examples", "hypothesis examples per property check (backprop::properties::*; sizes, values and "
+           "patterns hypothesis generates; default 6; 0 turns the property checks off)", kind="int", default=6,
+           metavar="N"),
+    Option("broadcast", "also check the broadcasting patterns of the parameters (b1, b2 as (H,) or (1, H); bngain, "
+           "bnbias as (1, H) or (H,)) in the property checks (backprop::properties::broadcast::*)", kind="bool",
+           default=False),
     Option("gradescope", "write Gradescope's results.json to this path (works without --backprop too: "
            "then only your own tests are graded)", metavar="PATH"),
     Option("points", "points of the tests in --backprop-gradescope results: PATTERN=POINTS entries, e.g. "
@@ -60,6 +66,12 @@ OPTIONS: tuple[Option, ...] = (
            "@pytest.mark.backprop_points(n) beats both)", metavar="ENTRIES"),
     Option("hidden", "checks to hide from students in --backprop-gradescope results: PATTERN or "
            "PATTERN=VISIBILITY entries, e.g. 'ex3 ex1::b1=after_due_date'", metavar="ENTRIES"),
+    Option("steps", "SGD steps of the Exercise 4 check (backprop::ex4::sgd: your full backward trains side by side "
+           "with autograd from the lecture's start; default 50; 0 turns it off)", kind="int", default=50, metavar="N"),
+    Option("plots", "write plots to this folder: Exercise 4's loss curves and a heatmap of |actual - expected| for "
+           "every failing gradient (needs matplotlib: pip install 'pytest-backprop[plots]')", metavar="DIR"),
+    Option("device", "torch device of the Exercise 4 check, e.g. cpu (default), cuda, cuda:1; checked at startup",
+           default="cpu", metavar="DEVICE"),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}

@@ -38,6 +38,7 @@ Example::
 from __future__ import annotations
 
 import linecache
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -206,7 +207,7 @@ class LineCheck:
         code = "ok" if self.passed else self.diagnoses.get(worst, Diagnosis("missing", "")).code
         details = {"upstream": "standard normal, seeded", "inputs": {
             n: {"code": self.diagnoses[n].code if n in self.diagnoses else "missing",
-                "maxdiff": self.comparisons[n].maxdiff if n in self.comparisons else None}
+                "maxdiff": _finite(self.comparisons[n].maxdiff) if n in self.comparisons else None}
             for n in self.line.inputs}}
         return Verdict(
             exercise, self.line.output, PASS if self.passed else FAIL,
@@ -215,6 +216,10 @@ class LineCheck:
             expected_shape=tuple(self.expected[worst].shape), actual_shape=wc.actual_shape if wc else None,
             diagnosis=Diagnosis(code, "every contribution matches autograd's VJP" if self.passed else self.message()),
             atol=wc.tolerance.atol if wc else None, line=self.line.source, details=details)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _user_locator(fn: Callable[..., Any]) -> Callable[[BaseException], UserError]:

@@ -46,6 +46,9 @@ class Settings:
             names = str(rootdir / names)
         if names is not None and not Path(names).is_file():
             raise pytest.UsageError(f"--backprop-names: no such file: {names}")
+        from .device import check_device  # --backprop-device (issue 5): a clear usage error, not a crash later
+
+        check_device(options.get(config, "device"))
         return cls(impl=impl, names=names, seed=options.get(config, "seed"), dtype=options.get(config, "dtype"),
                    json=options.get(config, "json"), timeout=options.get(config, "timeout"), rootdir=rootdir)
 
@@ -78,8 +81,11 @@ class KitState:
             from .problem import build_problem, resolve_words
             from reference_model.model import Config
 
+            from .device import single_thread
+
             s = self.settings
-            self._problem = build_problem(resolve_words(s.names), Config(seed=s.seed), dtype=getattr(torch, s.dtype))
+            with single_thread():  # tiny tensors: one thread is faster, results bit-identical (issue 5, P2)
+                self._problem = build_problem(resolve_words(s.names), Config(seed=s.seed), dtype=getattr(torch, s.dtype))
         return self._problem
 
     @property
@@ -113,19 +119,26 @@ class KitState:
     def verdicts(self, exercise: str) -> list[Verdict]:
         """Run the implementation for ``exercise`` once and return its verdicts."""
         if exercise not in self.results:
-            from .checks import load_failure_verdicts, verdicts_for_run
+            from .device import single_thread
 
-            if self.implementation is None:
-                self.results[exercise] = load_failure_verdicts(exercise, self.load_error or "", self.problem)
-                self.run_warnings[exercise] = []
-            elif (own := self.implementation.verdicts(exercise, self.problem, self.settings.timeout)) is not None:
-                self.results[exercise] = own  # per-line checks judge themselves
-                self.run_warnings[exercise] = []
-            else:
-                run = self.implementation.run(exercise, self.problem, self.settings.timeout)
-                self.results[exercise] = verdicts_for_run(exercise, run, self.problem)
-                self.run_warnings[exercise] = run.warnings
+            with single_thread():  # tiny tensors: one thread is faster, results bit-identical (issue 5, P2)
+                self._run_exercise(exercise)
         return self.results[exercise]
+
+    def _run_exercise(self, exercise: str) -> None:
+        """Run the implementation for one exercise and store its verdicts and warnings."""
+        from .checks import load_failure_verdicts, verdicts_for_run
+
+        if self.implementation is None:
+            self.results[exercise] = load_failure_verdicts(exercise, self.load_error or "", self.problem)
+            self.run_warnings[exercise] = []
+        elif (own := self.implementation.verdicts(exercise, self.problem, self.settings.timeout)) is not None:
+            self.results[exercise] = own  # per-line checks judge themselves
+            self.run_warnings[exercise] = []
+        else:
+            run = self.implementation.run(exercise, self.problem, self.settings.timeout)
+            self.results[exercise] = verdicts_for_run(exercise, run, self.problem)
+            self.run_warnings[exercise] = run.warnings
 
 
 STATE_KEY = pytest.StashKey[KitState]()

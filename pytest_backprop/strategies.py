@@ -37,14 +37,14 @@ __all__ = [
 
 #: Value regimes for :func:`elements` / :func:`tensors` and (by name) for :func:`makemore_params`.
 #: ``small``: |x| <= 1; ``lecture``: |x| <= 5; ``large_logits``: |x| <= 80; ``saturated``: 5 <= |x| <= 30
-#: (tanh is +-1 in float32 and float64 beyond ~10); ``extreme``: |x| <= 1000 (``exp`` overflows even in
-#: float64 beyond ~709, so a naive softmax turns into inf/inf = nan).
+#: (tanh is +-1 in float32 and float64 beyond ~10); ``extreme``: 200 <= |x| <= 1000 (``exp`` overflows even
+#: in float64 beyond ~709, so a naive softmax turns into inf/inf = nan).
 REGIMES: dict[str, tuple[float, float]] = {
     "small": (0.0, 1.0),
     "lecture": (0.0, 5.0),
     "large_logits": (0.0, 80.0),
     "saturated": (5.0, 30.0),
-    "extreme": (0.0, 1000.0),
+    "extreme": (200.0, 1000.0),
 }
 
 #: The lecture's broadcasting pattern: b1 (H,), b2 (V,), bngain and bnbias (1, H).

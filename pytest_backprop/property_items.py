@@ -1,0 +1,174 @@
+"""The property test items ``--backprop`` adds under ``backprop::properties``.
+
+- ``backprop::properties::ex1`` (and ``ex2``, ``ex3`` when the implementation offers them): the
+  whole exercise on sizes and values hypothesis generates;
+- ``backprop::properties::lines::<output>``: each ``backward_<output>`` function of a per-line
+  module, with random upstream gradients;
+- ``backprop::properties::broadcast::ex1`` and ``...::broadcast::<output>`` (``--backprop-broadcast``):
+  the same with the parameters in every broadcasting pattern.
+
+Settings: ``--backprop-examples N`` (0: no property items), ``--backprop-broadcast``; hypothesis's
+own ``--hypothesis-seed`` picks the seed; with the environment variable ``CI`` set the examples are
+derandomized. Each item appends its verdict to ``user_properties`` like the gradient items, so the
+terminal table and the JSON report list it (exercise ``prop-ex1``, ``prop-lines``, ``bcast-ex1``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from .items import VERDICT_PROPERTY, BackpropFailure
+from .state import KitState, get_state
+
+
+def render_property(verdict: Any) -> str:
+    """A failing property's report: the diagnosis, the smallest case, the line, how to reproduce."""
+    lines = [f"{verdict.exercise} [{verdict.diagnosis.code}]: {verdict.diagnosis.message}"]
+    details = verdict.details or {}
+    if details.get("case"):
+        lines.append(f"    smallest failing case: {details['case']}")
+    if verdict.line:
+        lines.append(f"    forward line: {verdict.line}")
+    if details.get("reproduce"):
+        lines.append(f"    {details['reproduce']}")
+    if details.get("hypothesis"):
+        lines.extend("    " + line for line in str(details["hypothesis"]).splitlines())
+    return "\n".join(lines)
+
+
+def _hypothesis_seed(config: pytest.Config) -> int | None:
+    raw = config.getoption("hypothesis_seed", default=None)
+    try:
+        return int(raw) if raw not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+class PropertyItem(pytest.Item):
+    """One property: ``kind`` is ``ex1``, ``ex2``, ``ex3`` or ``line`` (then ``output`` names the line)."""
+
+    def __init__(self, *, kind: str, output: str | None = None, broadcast: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.kind, self.output, self.broadcast = kind, output, broadcast
+
+    @property
+    def kit(self) -> KitState:
+        state = get_state(self.config)
+        assert state is not None
+        return state
+
+    def search(self) -> Any:
+        from hypothesis import settings
+
+        from .properties import Search
+
+        seed = _hypothesis_seed(self.config)
+        derandomize = bool(os.environ.get("CI")) or bool(settings.default.derandomize)
+        timeout = self.kit.settings.timeout or None
+        return Search(examples=self.kit.option("examples"), seed=seed, timeout=timeout,
+                      derandomize=derandomize and seed is None)
+
+    def _lecture_passed(self, exercise: str) -> bool:
+        try:
+            return all(v.status in ("pass", "skip") for v in self.kit.verdicts(exercise))
+        except Exception:  # noqa: BLE001 -- the lecture's items report their own errors
+            return False
+
+    def verdict(self) -> Any:
+        from . import properties as P
+
+        kit, impl, search = self.kit, self.kit.implementation, self.search()
+        lecture = kit.problem.config
+        if self.kind == "line":
+            fn = line_functions_of(impl).get(self.output)
+            if fn is None:
+                return P.skipped("prop-lines", self.output, f"no backward_{self.output}() found")
+            return P.line_property(fn, self.output, search=search, broadcast=self.broadcast,
+                                   lecture_values=kit.problem.truth.values, lecture=lecture)
+        if self.kind == "ex2":
+            return P.cross_entropy_property(impl, search=search, lecture_passed=self._lecture_passed("ex2"))
+        if self.kind == "ex3":
+            return P.batchnorm_property(impl, search=search, lecture=lecture, lecture_passed=self._lecture_passed("ex3"))
+        return P.whole_backward(impl, "ex1", search=search, broadcast=self.broadcast, lecture=lecture,
+                                lecture_passed=self._lecture_passed("ex1"))
+
+    def runtest(self) -> None:
+        verdict = self.verdict()
+        self.user_properties.append((VERDICT_PROPERTY, verdict.to_json()))
+        if verdict.status == "skip":
+            pytest.skip(verdict.diagnosis.message)
+        if verdict.status in ("fail", "error"):
+            raise BackpropFailure(render_property(verdict))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, BackpropFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, self.nodeid
+
+
+def line_functions_of(impl: Any) -> dict[str, Any]:
+    """The ``backward_<output>`` functions an implementation offers (per-line modules, or modules with both)."""
+    functions = getattr(impl, "functions", None)
+    if isinstance(functions, dict):
+        return dict(functions)
+    module = getattr(impl, "module", None)
+    if module is None:
+        return {}
+    from .perline import line_functions
+
+    return line_functions(module)
+
+
+class LinesCollector(pytest.Collector):
+    """``backprop::properties::lines``: one property per ``backward_<output>`` function."""
+
+    def __init__(self, *, outputs: tuple[str, ...], broadcast: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.outputs, self.broadcast = outputs, broadcast
+
+    def collect(self) -> list[pytest.Item]:
+        return [PropertyItem.from_parent(self, name=o, kind="line", output=o, broadcast=self.broadcast)
+                for o in self.outputs]
+
+
+class BroadcastCollector(pytest.Collector):
+    """``backprop::properties::broadcast``: Exercise 1 and the lines that read a parameter, in every pattern."""
+
+    def collect(self) -> list[pytest.Node]:
+        from .properties import BROADCAST_LINES
+
+        impl = get_state(self.config).implementation
+        children: list[pytest.Node] = []
+        if "ex1" in impl.exercises():
+            children.append(PropertyItem.from_parent(self, name="ex1", kind="ex1", broadcast=True))
+        functions = line_functions_of(impl)
+        children += [PropertyItem.from_parent(self, name=o, kind="line", output=o, broadcast=True)
+                     for o in BROADCAST_LINES if o in functions]
+        return children
+
+
+class PropertyCollector(pytest.Collector):
+    """``backprop::properties``: the property checks for what the implementation offers."""
+
+    def collect(self) -> list[pytest.Node]:
+        state = get_state(self.config)
+        assert state is not None
+        impl = state.implementation
+        offered = impl.exercises()
+        children: list[pytest.Node] = [PropertyItem.from_parent(self, name=ex, kind=ex)
+                                       for ex in ("ex1", "ex2", "ex3") if ex in offered]
+        functions = line_functions_of(impl)
+        if functions:
+            from reference_model.model import LINES
+
+            outputs = tuple(line.output for line in reversed(LINES) if line.output in functions)
+            children.append(LinesCollector.from_parent(self, name="lines", outputs=outputs))
+        if state.option("broadcast"):
+            children.append(BroadcastCollector.from_parent(self, name="broadcast"))
+        return children

@@ -1,0 +1,196 @@
+"""Property checks: the reference passes; hard-coded sizes, wrong dims, missing upstream factors,
+keepdim bugs and naive softmaxes are found and shrunk to a small case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_backprop.loaders import load_implementation
+from pytest_backprop.properties import (Search, batchnorm_property, cross_entropy_property, line_property,
+                                        lecture_message, size_blame, whole_backward)
+from pytest_backprop.perline import line_functions
+from reference_model import backward_lines
+from reference_model.model import Config
+
+from conftest import REPO, solution_with, write_script
+
+LECTURE = Config()
+
+
+def search(examples: int = 4) -> Search:
+    return Search(examples=examples, seed=1234, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_implementation("reference_model.backward", REPO)
+
+
+def module(tmp_path: Path, source: str, name: str = "student_mod.py"):
+    path = tmp_path / name
+    path.write_text(source)
+    return load_implementation(str(path), tmp_path)
+
+
+def test_reference_passes_every_property(reference):
+    for verdict in (whole_backward(reference, search=search()),
+                    whole_backward(reference, search=search(), broadcast=True),
+                    cross_entropy_property(reference, search=search()),
+                    batchnorm_property(reference, search=search())):
+        assert verdict.status == "pass", verdict.diagnosis.message
+    assert verdict.exercise == "prop-ex3" and verdict.tensor == "hprebn"
+
+
+def test_reference_per_line_functions_pass():
+    for output, fn in line_functions(backward_lines).items():
+        verdict = line_property(fn, output, search=search(2))
+        assert verdict.status == "pass", f"{output}: {verdict.diagnosis.message}"
+
+
+def test_hardcoded_32_is_found_and_named(tmp_path):
+    script = tmp_path / "hardcoded.py"
+    script.write_text(solution_with("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / 32"))
+    impl = load_implementation(str(script), tmp_path)
+    verdict = whole_backward(impl, search=search(), lecture=LECTURE, lecture_passed=True)
+    assert verdict.status == "fail"
+    assert verdict.diagnosis.code == "hardcoded_shape"
+    assert verdict.diagnosis.message.startswith("passes at n=32, fails at n=2: is 32 written into your code?")
+    assert verdict.tensor == "logprobs" and verdict.details["size"] == "batch_size"
+    assert "n=2" in verdict.details["case"]  # the shrunk case
+
+
+def test_without_a_passing_lecture_the_plain_diagnosis_is_kept(tmp_path):
+    script = tmp_path / "hardcoded.py"
+    script.write_text(solution_with("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / 32"))
+    verdict = whole_backward(load_implementation(str(script), tmp_path), search=search(), lecture_passed=False)
+    assert verdict.status == "fail" and verdict.diagnosis.code != "hardcoded_shape"
+    assert verdict.diagnosis.message.startswith("fails at n=2")
+
+
+def test_size_blame_names_the_size_or_falls_back():
+    failing = Config(batch_size=2, vocab_size=2, n_embd=1, n_hidden=1, block_size=1)
+    assert size_blame(LECTURE, failing, lambda c: c.vocab_size != 27) == (
+        "vocab_size", "passes at vocab_size=27, fails at vocab_size=2: is 27 written into your code?")
+    assert size_blame(LECTURE, failing, lambda c: False) is None
+    assert "n=32" in lecture_message(LECTURE, failing) and "n=2" in lecture_message(LECTURE, failing)
+
+
+def test_a_correct_ex1_script_passes(ex1_solution):
+    impl = load_implementation(str(ex1_solution), REPO)
+    assert whole_backward(impl, search=search(3)).status == "pass"
+
+
+def test_missing_upstream_multiplication_in_a_line_fails():
+    def backward_h(dh, h):
+        return 1.0 - h ** 2  # forgot "* dh": passes with an upstream of ones, never with a random one
+
+    verdict = line_property(backward_h, "h", search=search())
+    assert verdict.status == "fail" and verdict.exercise == "prop-lines" and verdict.tensor == "h"
+    assert "n=2" in verdict.details["case"]
+
+
+def test_wrong_dim_sum_in_a_line_is_found():
+    def backward_probs(dprobs, counts, counts_sum_inv):
+        # sums over dim 0 and transposes: the right shape only when n == vocab_size
+        return {"counts": counts_sum_inv * dprobs, "counts_sum_inv": (counts * dprobs).sum(0, keepdim=True).T}
+
+    verdict = line_property(backward_probs, "probs", search=search())
+    assert verdict.status == "fail"
+    assert verdict.diagnosis.code in ("shape", "mismatch", "exception")
+
+
+def test_logit_maxes_routing_matters_per_line():
+    def backward_logit_maxes(dlogit_maxes, logits):
+        return torch.ones_like(logits) / logits.shape[1] * dlogit_maxes  # spreads instead of routing to the max
+
+    verdict = line_property(backward_logit_maxes, "logit_maxes", search=search())
+    assert verdict.status == "fail"
+
+
+def test_broadcast_tier_catches_a_keepdim_bug(ex1_solution):
+    # the lecture-style solution writes db1 = dhprebn.sum(0): right for b1 (H,), wrong for b1 (1, H)
+    impl = load_implementation(str(ex1_solution), REPO)
+    verdict = whole_backward(impl, search=search(8), broadcast=True)
+    assert verdict.status == "fail" and verdict.exercise == "bcast-ex1"
+    assert verdict.diagnosis.code == "broadcast"
+    assert verdict.diagnosis.message.startswith("with parameters ")
+    assert verdict.details["pattern"] in verdict.diagnosis.message
+    assert verdict.tensor in ("b1", "b2", "bngain", "bnbias")
+
+
+def test_broadcast_tier_per_line_names_the_pattern():
+    verdict = line_property(backward_lines.backward_logits, "logits", search=search(8), broadcast=True)
+    assert verdict.status == "fail" and verdict.diagnosis.code == "broadcast"
+    assert "b2 (1, V)" in verdict.diagnosis.message
+
+
+NAIVE_CE = """
+def cross_entropy_backward(logits, Yb):
+    n = logits.shape[0]
+    counts = logits.exp()
+    dlogits = counts / counts.sum(1, keepdim=True)
+    dlogits[range(n), Yb] -= 1
+    return dlogits / n
+"""
+
+
+def test_naive_softmax_overflows_on_extreme_logits(tmp_path):
+    verdict = cross_entropy_property(module(tmp_path, NAIVE_CE), search=search(20), lecture_passed=True)
+    assert verdict.status == "fail" and verdict.exercise == "prop-ex2"
+    assert verdict.diagnosis.code == "nonfinite"
+    assert "subtract each row's max" in verdict.diagnosis.message
+
+
+HARDCODED_BN = """
+def batchnorm_backward(dhpreact, bngain, bnvar_inv, bnraw):
+    n = 32
+    return bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0) - n / (n - 1) * bnraw * (dhpreact * bnraw).sum(0))
+"""
+
+
+def test_fused_batchnorm_with_hardcoded_n_fails_small_batches(tmp_path):
+    verdict = batchnorm_property(module(tmp_path, HARDCODED_BN), search=search(), lecture=LECTURE, lecture_passed=True)
+    assert verdict.status == "fail" and verdict.diagnosis.code == "hardcoded_shape"
+    assert verdict.diagnosis.message.startswith("passes at n=32, fails at n=")
+
+
+def test_failures_say_how_to_reproduce(tmp_path):
+    verdict = cross_entropy_property(module(tmp_path, NAIVE_CE), search=Search(examples=20, seed=99))
+    assert "99" in verdict.details["reproduce"] or "derandomized" in verdict.details["reproduce"]
+
+
+# --- through the real plugin ---------------------------------------------------------------------
+
+def test_plugin_reports_hardcoded_shape_and_runs_the_broadcast_tier(pytester):
+    write_script(pytester, solution_with("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / 32"))
+    pytester.makeini("[pytest]\nbackprop_broadcast = true\n")
+    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-examples=3",
+                                           "--backprop-json=report.json", "-p", "no:cacheprovider", "-k", "properties")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*backprop::properties::ex1*", "*passes at n=32, fails at n=2: is 32 written into your code?*"])
+    report = json.loads((pytester.path / "report.json").read_text())
+    props = {c["exercise"]: c for c in report["checks"] if c["exercise"] in ("prop-ex1", "bcast-ex1")}
+    assert set(props) == {"prop-ex1", "bcast-ex1"}
+    assert props["prop-ex1"]["diagnosis"]["code"] == "hardcoded_shape"
+    assert props["prop-ex1"]["details"]["case"].startswith("Case(n=2")
+
+
+def collected(pytester, *args) -> list[str]:
+    items, _ = pytester.inline_genitems("--backprop", "--backprop-impl=reference_model.backward_lines", *args)
+    return [item.nodeid for item in items]
+
+
+def test_plugin_collects_properties_for_what_the_implementation_offers(pytester):
+    ids = collected(pytester)
+    assert "backprop::properties::ex1" in ids and "backprop::properties::lines::loss" in ids
+    assert sum(i.startswith("backprop::properties::lines::") for i in ids) == 20
+    assert not any("broadcast" in i for i in ids)
+    wide = collected(pytester, "--backprop-broadcast")
+    assert [i for i in wide if "::broadcast::" in i] == [
+        "backprop::properties::broadcast::ex1", "backprop::properties::broadcast::hprebn",
+        "backprop::properties::broadcast::hpreact", "backprop::properties::broadcast::logits"]
+    assert not any("properties" in i for i in collected(pytester, "--backprop-examples=0"))
