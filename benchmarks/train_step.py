@@ -6,6 +6,7 @@ Variants, timed interleaved in one process (medians over rounds; ratios within t
 - ``fused+autograd``:    :func:`reference_model.model.forward_fused` + ``loss.backward()``
 - ``manual, straightforward``: forward_fused under no_grad + the backward written plainly
   (lecture Ex2 with ``range``, Ex3's one-liner, ``p += -lr * grad``): where we started
+- ``  + lean forward``: the same backward after :func:`reference_model.train.lean_forward` (no ``Tensor.var``)
 - ``manual (reference)``: :func:`reference_model.train.manual_step` (lean forward + fused_backward)
 
 each at 1 thread and at torch's default thread count. Target: manual <= 0.6x expanded+autograd.
@@ -27,7 +28,7 @@ from _timing import interleaved, median, median_of_ratios  # noqa: E402
 
 from reference_model.backward import batchnorm_backward  # noqa: E402
 from reference_model.model import LINES, Config, forward_fused, params_only  # noqa: E402
-from reference_model.train import PARAMETER_ORDER, manual_step  # noqa: E402
+from reference_model.train import PARAMETER_ORDER, lean_forward, manual_step  # noqa: E402
 
 EXPANDED = compile("\n".join(line.source for line in LINES), "<expanded forward>", "exec")
 
@@ -72,10 +73,10 @@ def make_variants(lr: float = 0.01):
         forward_fused(auto_f, Xb, Yb)["loss"].backward()
         sgd(auto_f)
 
-    def manual_plain():
+    def manual_plain(forward=forward_fused):
         Xb, Yb = nxt()
         with torch.no_grad():
-            c = forward_fused(plain, Xb, Yb)
+            c = forward(plain, Xb, Yb)
             n = 32
             dlogits = F.softmax(c["logits"], 1)
             dlogits[range(n), Yb] -= 1
@@ -98,7 +99,9 @@ def make_variants(lr: float = 0.01):
             manual_step(ref, Xb, Yb, lr)
 
     return {"expanded+autograd": expanded_autograd, "fused+autograd": fused_autograd,
-            "manual, straightforward": manual_plain, "manual (reference)": manual_reference}
+            "manual, straightforward": manual_plain,
+            "  + lean forward": lambda: manual_plain(lean_forward),
+            "manual (reference)": manual_reference}
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,10 @@ Directives (used in reference.md):
 
 - ``{backprop-options}``: every ``Option`` of :mod:`pytest_backprop.options` (flag, ini, default, help);
 - ``{backprop-fixtures}``: every fixture of :mod:`pytest_backprop.fixtures` with its docstring;
-- ``{backprop-api} module name name ...``: signature and docstring of each object;
-- ``{backprop-docstring} module``: a module's docstring (e.g. the tolerance rule).
+- ``{backprop-api} module name name ...``: signature and docstring of each object (``*``: every
+  name in the module's ``__all__``);
+- ``{backprop-docstring} module``: a module's docstring (e.g. the tolerance rule);
+- ``{backprop-lines}``: the forward pass's 26 gradients, the line of each and the lines reading it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def docstring_to_markdown(doc: str | None) -> str:
         out.append(_inline(line))
         i += 1
     return "\n".join(out)
+
+
+def _pipes(code: str) -> str:
+    """Code for a code span in a table cell: only pipes need escaping there."""
+    return code.replace("|", "\\|")
 
 
 def _cell(text: object) -> str:
@@ -155,17 +162,66 @@ class ApiDirective(_Markdown):
 
     def markdown(self) -> str:
         module = importlib.import_module(self.arguments[0])
+        names = self.arguments[1:]
+        if names == ["*"]:  # everything the module exports, so that nothing new goes undocumented
+            names = list(module.__all__)
         parts = []
-        for name in self.arguments[1:]:
+        for name in names:
             obj = getattr(module, name)
-            try:
-                signature = f"{name}{inspect.signature(obj)}"
-            except (TypeError, ValueError):
-                signature = name
+            if not callable(obj):
+                parts += [f"```text\n{self.arguments[0]}.{name} = {obj!r}\n```", ""]
+                continue
+            signature = name + _signature(obj)
+            if inspect.isclass(obj):
+                signature = signature.removesuffix(" -> None")
             kind = "class " if inspect.isclass(obj) else ""
             parts += [f"```text\n{kind}{self.arguments[0]}.{signature}\n```", "",
                       docstring_to_markdown(inspect.getdoc(obj)), ""]
         return "\n".join(parts)
+
+
+def _signature(obj: object) -> str:
+    """``(actual, expected, *, name=None)`` with annotations as written (no quotes)."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return ""
+    params = []
+    for p in sig.parameters.values():
+        ann = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
+        text = p.name if p.annotation is inspect.Parameter.empty else f"{p.name}: {ann}"
+        if p.kind is p.VAR_POSITIONAL:
+            text = "*" + text
+        elif p.kind is p.VAR_KEYWORD:
+            text = "**" + text
+        if p.default is not inspect.Parameter.empty:
+            text += f" = {p.default!r}"
+        params.append((p.kind, text))
+    out, star = [], False
+    for kind, text in params:
+        if kind is inspect.Parameter.KEYWORD_ONLY and not star:
+            out.append("*")
+            star = True
+        star = star or kind is inspect.Parameter.VAR_POSITIONAL
+        out.append(text)
+    ret = sig.return_annotation
+    ret = "" if ret is inspect.Signature.empty else f" -> {ret if isinstance(ret, str) else inspect.formatannotation(ret)}"
+    return f"({', '.join(out)}){ret}"
+
+
+class LinesDirective(_Markdown):
+    """The expanded forward pass, from ``reference_model.model.LINES``: each gradient, the line that
+    produced its tensor, and the lines that read it (whose contributions its gradient sums)."""
+
+    def markdown(self) -> str:
+        from reference_model.model import GRADIENT_ORDER, LINE_OF, consumers
+
+        rows = ["| gradient | produced by | read by (contributions to sum) |", "|---|---|---|"]
+        for name in GRADIENT_ORDER:
+            made = f"`{_pipes(LINE_OF[name].source)}`" if name in LINE_OF else "(a parameter)"
+            used = "; ".join(f"`{_pipes(line.source)}`" for line in consumers(name))
+            rows.append(f"| `d{name}` | {made} | {used} |")
+        return "\n".join(rows)
 
 
 class DocstringDirective(_Markdown):
@@ -182,4 +238,5 @@ def setup(app):  # noqa: ANN001 -- Sphinx's hook
     app.add_directive("backprop-fixtures", FixturesDirective)
     app.add_directive("backprop-api", ApiDirective)
     app.add_directive("backprop-docstring", DocstringDirective)
+    app.add_directive("backprop-lines", LinesDirective)
     return {"parallel_read_safe": True}

@@ -225,6 +225,8 @@ def blame_one(tensor: str, verdict: Verdict, by_name: Mapping[str, Verdict], roo
     target = sum((c for _, c in parts[1:]), parts[0][1])
     if _usable(actual, target) and close(actual.detach(), target, problem.tolerances[tensor].atol):
         return inherited, details
+    if _usable(actual, target) and not bool(torch.isfinite(target).all()) and not bool(torch.isfinite(actual).all()):
+        return inherited, details  # NaN/inf flowing down from upstream
     return _own_fault(tensor, verdict, actual, target, parts, grads, problem, True), {}
 
 

@@ -30,6 +30,7 @@ Example (what ``pytest --backprop`` does)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import pytest
 import torch
 
 from reference_model.data import Words, build_splits
-from reference_model.model import PARAMETERS, Config, forward_fused, init_params
+from reference_model.model import GRADIENT_ORDER, PARAMETERS, Config, forward_fused, init_params
 
 from .tolerance import derive
 from .verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
@@ -46,7 +47,10 @@ from .verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 EXERCISE = "ex4"
 TENSOR = "sgd"
 LECTURE_LR = 0.1
+ISOLATED_STEPS = 3  # default steps under --backprop-isolate: every run of your code starts a process
 _RESULT_KEY = pytest.StashKey["SgdResult"]()
+#: The parameters in backward order (W2 first, C last): the first one reported is nearest the loss.
+BACKWARD_PARAMETERS: tuple[str, ...] = tuple(t for t in GRADIENT_ORDER if t in PARAMETERS)
 
 
 @dataclass
@@ -71,7 +75,19 @@ class SgdResult:
     divergence: Divergence | None = None
 
 
+def _json_safe(value: Any) -> Any:
+    """Details as JSON allows them: a non-finite float becomes None (the report is written with allow_nan=False)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _verdict(status: str, code: str, message: str, details: dict[str, Any], divergence: Divergence | None = None) -> Verdict:
+    details = _json_safe(details)
     return Verdict(exercise=EXERCISE, tensor=TENSOR, status=status, exact=None,
                    approximate=None if divergence is None else False,
                    maxdiff=None if divergence is None else divergence.maxdiff,
@@ -89,6 +105,28 @@ def _autograd_sgd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: to
         for k, g in zip(PARAMETERS, grads):
             params[k] = params[k] - lr * g
     return float(loss.detach())
+
+
+def first_divergence(step: int, yours: dict[str, torch.Tensor], autograd: dict[str, torch.Tensor],
+                     truth: dict[str, torch.Tensor]) -> Divergence | None:
+    """The first parameter (in backward order) whose trajectory left the truth's beyond the rule.
+
+    Allowed: ``10 * max|autograd - truth| + 16 eps * max|truth|`` (:func:`~pytest_backprop.tolerance.derive`),
+    i.e. as far as float32 autograd itself has drifted after the same updates.
+
+    Example::
+
+        first_divergence(3, yours, auto32, truth64)   # None, or Divergence(step=3, parameter="W1", ...)
+    """
+    for p in BACKWARD_PARAMETERS:
+        tol = derive(autograd[p], truth[p])
+        maxdiff = float((yours[p].double() - truth[p]).abs().max())
+        if not maxdiff <= tol.atol:
+            ref = float((autograd[p].double() - truth[p]).abs().max())
+            return Divergence(step, p, "trajectory", maxdiff, tol.atol,
+                              f"diverged at step {step} in {p}: after {step + 1} updates your {p} is {maxdiff:.3g} from "
+                              f"the float64 trajectory (autograd float32: {ref:.3g}; allowed {tol.atol:.3g})")
+    return None
 
 
 def lecture_batches(config: Config, Xtr: torch.Tensor, Ytr: torch.Tensor, steps: int):
@@ -149,7 +187,7 @@ def sgd_check(implementation: Any, words: Words | None, config: Config, *, steps
 
         failing = {}
         first: Verdict | None = None
-        for p in PARAMETERS:
+        for p in BACKWARD_PARAMETERS:
             v = verdict_for(EXERCISE, p, run.grads[p], problem)
             if v.status != PASS:
                 failing[p] = (run.grads[p], problem.grads[p])
@@ -165,15 +203,9 @@ def sgd_check(implementation: Any, words: Words | None, config: Config, *, steps
         with torch.no_grad():
             for p in PARAMETERS:
                 yours[p] = yours[p] - lr * torch.as_tensor(run.grads[p]).to(dev, yours[p].dtype)
-        for p in PARAMETERS:
-            tol = derive(auto32[p], truth[p])
-            maxdiff = float((yours[p].double() - truth[p]).abs().max())
-            if not maxdiff <= tol.atol:
-                ref = float((auto32[p].double() - truth[p]).abs().max())
-                div = Divergence(step, p, "trajectory", maxdiff, tol.atol,
-                                 f"diverged at step {step} in {p}: after {step + 1} updates your {p} is {maxdiff:.3g} from "
-                                 f"the float64 trajectory (autograd float32: {ref:.3g}; allowed {tol.atol:.3g})")
-                return _failed(div, details, losses, {})
+        div = first_divergence(step, yours, auto32, truth)
+        if div is not None:
+            return _failed(div, details, losses, {})
     final = {p: float((yours[p].double() - truth[p]).abs().max()) for p in PARAMETERS}
     details["final_maxdiff"] = final
     message = (f"{steps} SGD steps (lr {lr}) with your gradients track autograd; loss {losses['yours'][0]:.4f} -> "
@@ -243,8 +275,27 @@ class SgdCollector(pytest.Collector):
 
 
 def wanted(kit: Any) -> bool:
-    """Whether to collect the Exercise 4 item for this session."""
+    """Whether to collect the Exercise 4 item for this session: --backprop-steps > 0 and a full backward.
+
+    Example::
+
+        wanted(kit)   # True for a script that writes dlogprobs ... dC; False for a module with only Exercise 2
+    """
     return kit.option("steps") > 0 and "ex1" in kit.exercises()
+
+
+def session_steps(kit: Any) -> int:
+    """--backprop-steps; by default only :data:`ISOLATED_STEPS` under --backprop-isolate (a process per run).
+
+    Example::
+
+        session_steps(kit)   # 50, or 3 with --backprop-isolate and no explicit --backprop-steps
+    """
+    steps = kit.option("steps")
+    explicit = kit.config.getoption("backprop_steps", None) is not None or bool(kit.config.getini("backprop_steps"))
+    if kit.option("isolate") and not explicit:
+        return min(steps, ISOLATED_STEPS)
+    return steps
 
 
 def kit_sgd_result(kit: Any) -> SgdResult:
@@ -259,7 +310,7 @@ def kit_sgd_result(kit: Any) -> SgdResult:
         from .device import single_thread
 
         with single_thread():
-            result = sgd_check(kit.implementation, problem.words, problem.config, steps=kit.option("steps"),
+            result = sgd_check(kit.implementation, problem.words, problem.config, steps=session_steps(kit),
                                lr=LECTURE_LR, timeout=kit.settings.timeout, device=kit.option("device"))
     folder = kit.option("plots")
     if folder:

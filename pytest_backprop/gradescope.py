@@ -58,7 +58,13 @@ MARKERS = (
 
 def register_markers(config: pytest.Config) -> None:
     """Register the grading markers, so that ``--strict-markers`` accepts them (always, even without
-    ``--backprop``)."""
+    ``--backprop``).
+
+    Example::
+
+        def pytest_configure(config):
+            register_markers(config)   # what the plugin does
+    """
     for line in MARKERS:
         config.addinivalue_line("markers", line)
 
@@ -153,17 +159,33 @@ def _lookup(key: str, rules: Iterable[Rule], default: Any) -> Any:
 
 def points_for(key: str, rules: Iterable[Rule], default: float = DEFAULT_POINTS) -> float:
     """Points of the check or test ``key`` (``ex1::b1``, or a node id): exact entry, else the last
-    matching pattern, else ``default``."""
+    matching pattern, else ``default``.
+
+    Example::
+
+        points_for("ex1::C", parse_points("ex1=1 ex1::C=2"))   # 2.0
+    """
     return float(_lookup(key, rules, default))
 
 
 def visibility_for(key: str, rules: Iterable[Rule], default: str = "visible") -> str:
-    """Gradescope visibility of ``key`` under the ``backprop_hidden`` rules."""
+    """Gradescope visibility of ``key`` under the ``backprop_hidden`` rules.
+
+    Example::
+
+        visibility_for("properties::ex1", parse_hidden("properties::*"))   # "hidden"
+    """
     return str(_lookup(key, rules, default))
 
 
 def check_key(nodeid: str) -> str:
-    """The key points patterns match: ``ex1::b1`` for ``backprop::ex1::b1``, else the node id."""
+    """The key points patterns match: ``ex1::b1`` for ``backprop::ex1::b1``, else the node id.
+
+    Example::
+
+        check_key("backprop::ex1::b1")        # "ex1::b1"
+        check_key("tests/test_hw.py::test_a")  # unchanged
+    """
     return nodeid[len(BUILTIN_PREFIX):] if nodeid.startswith(BUILTIN_PREFIX) else nodeid
 
 
@@ -171,6 +193,11 @@ def marker_points(item: pytest.Item) -> float | None:
     """Points given by ``@pytest.mark.backprop_points(n)`` on ``item`` (closest marker), or None.
 
     Raises ValueError with a clear message for a malformed marker.
+
+    Example::
+
+        @pytest.mark.backprop_points(2)
+        def test_worth_two(): ...          # marker_points(item) == 2.0
     """
     marker = item.get_closest_marker(POINTS_MARKER)
     if marker is None:
@@ -189,7 +216,13 @@ def marker_points(item: pytest.Item) -> float | None:
 
 
 def marker_visibility(item: pytest.Item) -> str | None:
-    """Visibility given by ``@pytest.mark.backprop_hidden`` on ``item``, or None."""
+    """Visibility given by ``@pytest.mark.backprop_hidden`` on ``item``, or None.
+
+    Example::
+
+        @pytest.mark.backprop_hidden(visibility="after_due_date")
+        def test_later(): ...              # marker_visibility(item) == "after_due_date"
+    """
     marker = item.get_closest_marker(HIDDEN_MARKER)
     if marker is None:
         return None
@@ -245,13 +278,23 @@ def results_json(cases: Sequence[Case], *, output: str, execution_time: float,
 
 
 def crash_results(message: str, *, execution_time: float = 0.0) -> dict[str, Any]:
-    """A valid results.json for a run that produced nothing else: one visible failed test, score 0."""
+    """A valid results.json for a run that produced nothing else: one visible failed test, score 0.
+
+    Example::
+
+        crash_results("pytest was killed")["score"]   # 0
+    """
     case = Case("The autograder could not run your submission", 0.0, False, message)
     return results_json([case], output=message, execution_time=execution_time, extra={"crashed": True})
 
 
 def write_results(path: str | Path, data: dict[str, Any]) -> None:
-    """Write results.json atomically (a reader never sees half a file), creating parent folders."""
+    """Write results.json atomically (a reader never sees half a file), creating parent folders.
+
+    Example::
+
+        write_results("out/results.json", crash_results("no submission"))
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
@@ -261,7 +304,12 @@ def write_results(path: str | Path, data: dict[str, Any]) -> None:
 
 
 def is_valid_results(path: str | Path) -> bool:
-    """Whether ``path`` holds a results.json Gradescope can read (score and tests well formed)."""
+    """Whether ``path`` holds a results.json Gradescope can read (score and tests well formed).
+
+    Example::
+
+        is_valid_results("results.json")   # False for a missing or half-written file
+    """
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -279,6 +327,10 @@ def ensure_results(path: str | Path, *, log: str | Path | None = None, tail: int
     For ``run_autograder``: pytest killed by a segfault, ``os._exit`` or an out-of-memory kill
     writes nothing, so the grader calls this afterwards; ``log`` (pytest's captured output) is
     quoted in the message.
+
+    Example::
+
+        ensure_results("/autograder/results/results.json", log="pytest.log")   # True: it wrote one
     """
     if is_valid_results(path):
         return False
@@ -421,12 +473,12 @@ class GradescopeReporter:
                 text = render_verdict(verdict)
                 if verdict.status == "error":  # the student's code did not run: always say why
                     visibility = "visible"
-                name = f"{verdict.exercise}: d{verdict.tensor}"
+                name = check_key(o.nodeid)  # the key backprop_points/backprop_hidden match
                 tags = (verdict.exercise, verdict.diagnosis.code)
             else:
                 passed = o.passed
                 text = "\n\n".join(t for t in o.texts if t) or ("passed" if passed else "failed")
-                name = o.nodeid[len(BUILTIN_PREFIX):] if o.nodeid.startswith(BUILTIN_PREFIX) else o.nodeid
+                name = check_key(o.nodeid)
                 tags = ()
             cases.append(Case(name, points, passed, text, visibility, tags))
         return self.problems + cases
@@ -457,7 +509,10 @@ class GradescopeReporter:
         elapsed = time.monotonic() - self.started
         try:
             cases = self.cases()
-            if not cases:
+            if not cases and self.exitstatus == 4:
+                cases = [Case("The grader is misconfigured", 0.0, False, "pytest stopped with a usage error "
+                              "(exit status 4, e.g. a test path that does not exist); see the autograder's log")]
+            elif not cases:
                 cases = [Case("No tests ran", 0.0, False, "pytest collected no tests: check the grader's "
                                                           "configuration (testpaths, backprop_impl)")]
             data = results_json(cases, output=self.output(cases), execution_time=elapsed,
@@ -476,7 +531,7 @@ class GradescopeReporter:
 def configure(config: pytest.Config) -> GradescopeReporter | None:
     """Register the reporter when ``--backprop-gradescope`` is given; return it (else None).
 
-    A malformed ``backprop_points``/``backprop_hidden`` still leaves a valid results.json behind
+    Called by the plugin's ``pytest_configure``: ``grader = configure(config)``. A malformed ``backprop_points``/``backprop_hidden`` still leaves a valid results.json behind
     (with the usage error as a visible failed test) before the error is raised.
     """
     path = options.get(config, "gradescope")
@@ -493,7 +548,12 @@ def configure(config: pytest.Config) -> GradescopeReporter | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pytest_backprop.gradescope --ensure results.json [--log pytest.log]``."""
+    """The command line: make sure a valid results.json exists (for ``run_autograder``).
+
+    Example::
+
+        python -m pytest_backprop.gradescope --ensure results.json --log pytest.log
+    """
     parser = argparse.ArgumentParser(prog="python -m pytest_backprop.gradescope",
                                      description="Make sure a valid Gradescope results.json exists.")
     parser.add_argument("--ensure", metavar="PATH", required=True,

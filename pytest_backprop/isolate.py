@@ -92,7 +92,12 @@ def _child(spec: str, rootdir: str, task: str, exercise: str | None, payload: An
 
 def child_main() -> None:
     """Entry point of ``python -c``: read the pickled task on stdin, write the pickled answer on the
-    original stdout (the user's prints go to stderr)."""
+    original stdout (the user's prints go to stderr).
+
+    Example::
+
+        python -c "from pytest_backprop.isolate import child_main; child_main()" < task.pickle
+    """
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -118,6 +123,10 @@ def run_in_child(spec: str, rootdir: Path, task: str, exercise: str | None = Non
 
     The child is a new interpreter (like multiprocessing's ``spawn``) started with
     ``python -c`` rather than multiprocessing, so that the parent's ``__main__`` is never re-imported.
+
+    Example::
+
+        status, run = run_in_child("student.py", Path.cwd(), "run", "ex1", payload, timeout=60)
     """
     args = dict(spec=spec, rootdir=str(rootdir), task=task, exercise=exercise, payload=payload, timeout=timeout,
                 sys_path=list(sys.path))
@@ -144,7 +153,12 @@ def run_in_child(spec: str, rootdir: Path, task: str, exercise: str | None = Non
 
 def static_description(spec: str, rootdir: Path) -> tuple[tuple[str, ...], str] | None:
     """Exercises and description of a file implementation, found without running any of its code
-    (None for a dotted module name). Raises LoadError for a missing file or a syntax error."""
+    (None for a dotted module name). Raises LoadError for a missing file or a syntax error.
+
+    Example::
+
+        static_description("ninja.ipynb", Path.cwd())   # (('ex1', 'ex2', 'ex3'), 'notebook ninja.ipynb')
+    """
     import ast
 
     from .loaders import EXERCISE_FUNCTIONS, ScriptImplementation
@@ -160,6 +174,11 @@ def static_description(spec: str, rootdir: Path) -> tuple[tuple[str, ...], str] 
         impl = NotebookImplementation(path)
         return impl.exercises(), impl.description
     script = ScriptImplementation(path)  # compiles only; raises LoadError on a syntax error
+    if any(line.startswith(("# %%", "#%%")) for line in script.source.splitlines()):
+        from .notebook import NotebookImplementation
+
+        impl = NotebookImplementation.from_script(path)
+        return impl.exercises(), impl.description
     body = ast.parse(script.source).body
     if any(isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in body):
         return None  # `from x import *` may bring functions in: ask a child

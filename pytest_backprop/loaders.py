@@ -11,7 +11,8 @@ Forms (``--backprop-impl``):
 - a **per-line module** (defines ``backward_<output>`` functions and no ``backward``): each line is
   checked on its own (exercise ``lines``) and the chained full backward is Exercise 1 (see
   :mod:`pytest_backprop.perline`);
-- a **notebook** (``.ipynb``): see :mod:`pytest_backprop.notebook`.
+- a **notebook** (``.ipynb``), or a script split into cells by ``# %%`` markers: each exercise runs
+  only its own cells, see :mod:`pytest_backprop.notebook`.
 
 Every run gets a fresh namespace and fresh copies of the forward values (detached, without
 ``.grad``), so one run cannot affect another or the kit's truth. Answers copied from autograd
@@ -86,7 +87,13 @@ class CmpRecorder:
 
 
 def forward_watch(handed_out: Mapping[str, Any], namespace: Mapping[str, Any], originals: Mapping[str, Any]) -> list[Diagnosis]:
-    """Warnings about the user's code changing what it was given: rebinding names, in-place edits."""
+    """Warnings about the user's code changing what it was given: rebinding names, in-place edits.
+
+    Example::
+
+        warnings = forward_watch(handed_out, namespace, problem.truth.values)
+        [w.code for w in warnings]   # e.g. ['reassigned_name'] after `for n in range(3)`
+    """
     warnings: list[Diagnosis] = []
     for name, given in handed_out.items():
         if name in namespace and namespace[name] is not given and name in (*CONSTANTS, *GRADIENT_ORDER):
@@ -101,7 +108,12 @@ def forward_watch(handed_out: Mapping[str, Any], namespace: Mapping[str, Any], o
 
 
 def inject(fn: Callable[..., Any], available: Mapping[str, Any]) -> Any:
-    """Call ``fn`` with arguments taken by parameter name from ``available`` (like pytest fixtures)."""
+    """Call ``fn`` with arguments taken by parameter name from ``available`` (like pytest fixtures).
+
+    Example::
+
+        inject(lambda logits, Yb: logits.shape, {"logits": logits, "Yb": Yb, "n": 32})   # (32, 27)
+    """
     kwargs = {}
     for pname, param in inspect.signature(fn).parameters.items():
         if pname in available:
@@ -158,7 +170,13 @@ class ScriptImplementation(Implementation):
 
 
 def namespace_for(problem: Problem) -> tuple[dict[str, Any], dict[str, Any], CmpRecorder]:
-    """A fresh namespace for user code: copies of the forward values, constants, globals, ``cmp``."""
+    """A fresh namespace for user code: copies of the forward values, constants, globals, ``cmp``.
+
+    Example::
+
+        namespace, handed_out, recorder = namespace_for(problem)
+        exec("dlogprobs = -probs", namespace)
+    """
     handed_out = problem.cache()
     recorder = CmpRecorder(handed_out)
     namespace: dict[str, Any] = {"__name__": "__backprop__", "torch": torch, "F": F, "cmp": recorder}
@@ -168,7 +186,13 @@ def namespace_for(problem: Problem) -> tuple[dict[str, Any], dict[str, Any], Cmp
 
 
 def run_code(code: Any, problem: Problem, timeout: float | None, locate_error: Callable[[BaseException], UserError]) -> RunResult:
-    """Execute compiled user code in a fresh namespace and collect its gradients."""
+    """Execute compiled user code in a fresh namespace and collect its gradients.
+
+    Example::
+
+        run = run_code(compile(src, "student.py", "exec"), problem, 60, impl._locate)
+        run.grads["logprobs"]
+    """
     namespace, handed_out, recorder = namespace_for(problem)
     _, exc = call_user(lambda: exec(code, namespace), timeout)
     grads = {name: namespace["d" + name] for name in GRADIENT_ORDER if "d" + name in namespace}
@@ -241,7 +265,12 @@ class ModuleImplementation(Implementation):
 
 
 def defines_functions(path: Path) -> bool:
-    """Whether a .py file is a module of backward functions rather than a straight-line script."""
+    """Whether a .py file is a module of backward functions rather than a straight-line script.
+
+    Example::
+
+        defines_functions(Path("lines.py"))   # True when it defines backward_h(...)
+    """
     try:
         tree = ast.parse(path.read_text())
     except SyntaxError:
@@ -255,6 +284,11 @@ def load_implementation(spec: str, rootdir: Path) -> Implementation:
     """Resolve ``--backprop-impl``: a file path (script, module or notebook) or a dotted module name.
 
     Relative paths are tried against the current directory, then the rootdir.
+
+    Example::
+
+        impl = load_implementation("ninja.ipynb", Path.cwd())
+        impl.exercises()   # ('ex1', 'ex2', 'ex3')
     """
     candidates = [Path(spec), rootdir / spec]
     path = next((p for p in candidates if p.is_file()), None)
@@ -271,12 +305,22 @@ def load_implementation(spec: str, rootdir: Path) -> Implementation:
         return NotebookImplementation(path)
     if defines_functions(path):
         return module_implementation(spec, path)
-    return ScriptImplementation(path)
+    script = ScriptImplementation(path)
+    if any(line.startswith(("# %%", "#%%")) for line in script.source.splitlines()):
+        from .notebook import NotebookImplementation  # noqa: PLC0415
+
+        return NotebookImplementation.from_script(path)  # cells: Exercises 2 and 3 found like a notebook's
+    return script
 
 
 
 def module_implementation(spec: str, path: Path | None = None) -> "ModuleImplementation":
-    """A module's implementation: per-line when it has ``backward_<output>`` functions and no ``backward``."""
+    """A module's implementation: per-line when it has ``backward_<output>`` functions and no ``backward``.
+
+    Example::
+
+        module_implementation("reference_model.backward_lines").exercises()   # ('ex1', 'lines')
+    """
     impl = ModuleImplementation(spec, path)
     from .perline import line_functions  # noqa: PLC0415 -- perline imports this module
 
@@ -361,9 +405,8 @@ def _autograd_use_once(source: str) -> AutogradUse:
 
 def _autograd_message(tensor: str, where: str, line: str | None) -> str:
     quoted = f" (`{line.strip()}`)" if line else ""
-    return (f"d{tensor} is copied from autograd at {where}{quoted}: the kit hands your code tensors without .grad "
-            "and cannot be satisfied by autograd's answer; it checks your own derivation. Write d"
-            f"{tensor} from the chain rule")
+    return (f"d{tensor} is copied from autograd at {where}{quoted}. The kit hands your code tensors without .grad "
+            f"(and no graph to call .backward() on): it checks your own derivation, so write d{tensor} by the chain rule")
 
 
 def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
@@ -371,6 +414,12 @@ def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
     """Mark answers (and an exception) that come from ``.grad``/``.backward()`` with ``reads_autograd``.
 
     ``sources`` is [(source text, display name)]; ``where(name, lineno)`` formats a location.
+
+    Example::
+
+        run = run_code(code, problem, 60, locate_error)
+        trace_autograd(run, [(source, "student.py")])
+        run.overrides["hpreact"].code   # 'reads_autograd' after `dhpreact = hpreact.grad`
     """
     for source, display in sources:
         use = autograd_use(source)
@@ -392,10 +441,9 @@ def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
         if err is not None and err.code is None and copied and "NoneType" in err.message:
             line = use.assigned[copied[0]]
             run.error = dc_replace(err, code="reads_autograd", message=(
-                f"{err.message} -- `{copied[0]}` is None: it was copied from autograd at {at(line)[0]}, but the kit "
-                "hands your code tensors without .grad and checks your own derivation; compute it by the chain rule"))
+                f"{err.message} (`{copied[0]}` is None: it is copied from autograd at {at(line)[0]}, but the kit hands "
+                "your code tensors without .grad and checks your own derivation: compute it by the chain rule)"))
         elif err is not None and err.source_line and _AUTOGRAD_TEXT.search(err.source_line) and err.code is None:
             run.error = dc_replace(err, code="reads_autograd", message=(
-                f"{err.message} -- this line reads autograd (.grad / .backward()), but the kit hands your code "
-                "tensors without .grad and no graph: it checks your own derivation, so compute the gradient "
-                "by the chain rule"))
+                f"{err.message} (this line reads autograd: .grad / .backward(); the kit hands your code tensors "
+                "without .grad and no graph, and checks your own derivation: compute the gradient by the chain rule)"))

@@ -45,6 +45,7 @@ from .usercode import UserError, call_user, locate
 
 TAG_PREFIX = "backprop:"
 GRAD_NAMES = frozenset("d" + name for name in GRADIENT_ORDER)
+CELL_MARKER = re.compile(r"^# ?%%")
 _MAGIC = re.compile(r"^(\s*)[!%]")
 _ASSIGN_TEXT = re.compile(r"^\s*(d[A-Za-z_0-9]+)\s*(?:[-+*/@]|//)?=[^=]", re.MULTILINE)
 SAFE_IMPORTS = frozenset({"torch", "math", "random", "numpy", "torch.nn.functional", "torch.nn", "itertools",
@@ -65,10 +66,17 @@ class Cell:
     cmp_tensors: set[str] = field(default_factory=set)
     cmp_vars: dict[str, str] = field(default_factory=dict)  # variable passed as dt -> tensor
     training: bool = False
+    origin: str | None = None  # for a script split by ``# %%`` markers: its path
+    offset: int = 0  # line of the script before the cell's first line
 
     @property
     def name(self) -> str:
-        return f"cell {self.index}"
+        """How messages name the cell: ``cell 4``, or ``the cell at student.py:12`` in a script."""
+        return f"cell {self.index}" if self.origin is None else f"the cell at {self.origin}:{self.offset + 1}"
+
+    def where(self, lineno: int) -> tuple[str, int]:
+        """(filename, line) of a line of the cell: ``("cell 4", 2)`` or ``("student.py", 14)``."""
+        return (f"cell {self.index}", lineno) if self.origin is None else (self.origin, self.offset + lineno)
 
     @property
     def filename(self) -> str:
@@ -114,7 +122,12 @@ def _is_training(tree: ast.Module) -> bool:
 
 
 def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
-    """Parse one code cell and record what it assigns, reads and passes to ``cmp``."""
+    """Parse one code cell and record what it assigns, reads and passes to ``cmp``.
+
+    Example::
+
+        parse_cell(3, "dh = dlogits @ W2.T\ndW2 = h.T @ dlogits", frozenset()).assigned   # {'dh', 'dW2'}
+    """
     cell = Cell(index, strip_magics(raw), tags)
     try:
         cell.tree = ast.parse(cell.source)
@@ -140,7 +153,12 @@ def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
 
 
 def classify(cells: list[Cell]) -> dict[str, list[Cell]]:
-    """Which cells belong to which exercise (tags first, then detection; see the module docstring)."""
+    """Which cells belong to which exercise (tags first, then detection; see the module docstring).
+
+    Example::
+
+        classify(cells)["ex2"]   # [the cell computing dlogits with F.softmax]
+    """
     usable = [c for c in cells if TAG_PREFIX + "skip" not in c.tags]
     tagged = {ex: [c for c in usable if TAG_PREFIX + ex in c.tags] for ex in ("ex1", "ex2", "ex3")}
     found: dict[str, list[Cell]] = {}
@@ -185,7 +203,13 @@ class _Constants(ast.NodeVisitor):
 
 
 def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]) -> tuple[dict[str, Any], list[Cell]]:
-    """Simple constants of cells before ``before`` (not overriding ``supplied``), and cells of their defs/imports."""
+    """Simple constants of cells before ``before`` (not overriding ``supplied``), and cells of their defs/imports.
+
+    Example::
+
+        constants, defs = earlier_definitions(cells, 9, namespace)
+        constants   # {'BATCH_SIZE': 32}
+    """
     constants: dict[str, Any] = {}
     known = dict(supplied)
     defs: list[Cell] = []
@@ -217,7 +241,12 @@ def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]
 
 
 def defining_cells(cells: list[Cell], name: str) -> list[Cell]:
-    """Cells that bind ``name`` at top level (assignment, def, import, for target)."""
+    """Cells that bind ``name`` at top level (assignment, def, import, for target).
+
+    Example::
+
+        [c.index for c in defining_cells(cells, "W2_t")]   # [8]
+    """
     out = []
     for cell in cells:
         if cell.tree is None:
@@ -253,10 +282,42 @@ class NotebookImplementation(Implementation):
             nb = nbformat.read(str(path), as_version=4)
         except Exception as exc:  # noqa: BLE001 -- nbformat raises many kinds for a broken file
             raise LoadError(f"cannot read notebook {path}: {exc}") from exc
-        self.cells = [parse_cell(i, c.get("source", ""), frozenset(c.get("metadata", {}).get("tags", [])))
-                      for i, c in enumerate(nb.cells, start=1) if c.get("cell_type") == "code"]
+        self._setup([parse_cell(i, c.get("source", ""), frozenset(c.get("metadata", {}).get("tags", [])))
+                     for i, c in enumerate(nb.cells, start=1) if c.get("cell_type") == "code"])
+
+    def _setup(self, cells: list[Cell]) -> None:
+        self.cells = cells
         self.by_exercise = classify(self.cells)
         self._by_file = {c.filename: c for c in self.cells}
+
+    @classmethod
+    def from_script(cls, path: Path) -> "NotebookImplementation":
+        """A ``.py`` script split into cells by ``# %%`` markers (VS Code, Jupytext's percent format);
+        a marker line may carry tags: ``# %% [backprop:ex2]``. Locations are ``file:line``.
+
+        Example::
+
+            impl = NotebookImplementation.from_script(Path("ninja.py"))
+        """
+        self = cls.__new__(cls)
+        self.path = path
+        self.description = f"script {path} (cells)"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise LoadError(f"cannot load {path}: {exc}") from exc
+        cells, start, tags, index = [], 0, frozenset(), 1
+        lines = text.splitlines()
+        for i, line in enumerate([*lines, "# %%"]):
+            if CELL_MARKER.match(line):
+                if i > start and "".join(lines[start:i]).strip():
+                    cell = parse_cell(index, "\n".join(lines[start:i]), tags)
+                    cell.origin, cell.offset = str(path), start
+                    cells.append(cell)
+                    index += 1
+                start, tags = i + 1, frozenset(re.findall(r"backprop:\w+", line))
+        self._setup(cells)
+        return self
 
     def cells_of(self, exercise: str) -> list[int]:
         """The notebook positions (1-based) of the cells that run for ``exercise``."""
@@ -271,7 +332,7 @@ class NotebookImplementation(Implementation):
             return lines[lineno - 1] if 0 < lineno <= len(lines) else None
 
         error = locate(exc, lambda f: f in self._by_file, source_line,
-                       lambda f, l: (self._by_file[f].name, l))
+                       lambda f, l: self._by_file[f].where(l))
         if isinstance(exc, NameError) and getattr(exc, "name", None):
             error = _explain_name(error, exc.name, self.cells)
         return error
@@ -297,7 +358,8 @@ class NotebookImplementation(Implementation):
         for cell in cells:
             if cell.syntax_error is not None:
                 se = cell.syntax_error
-                error = error or UserError("SyntaxError", se.msg, cell.name, se.lineno, (se.text or "").strip() or None)
+                error = error or UserError("SyntaxError", se.msg, *cell.where(se.lineno or 1),
+                                           (se.text or "").strip() or None)
                 continue
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             code = compile(cell.tree, cell.filename, "exec")
@@ -313,7 +375,9 @@ class NotebookImplementation(Implementation):
             grads = {target: namespace["d" + target]} if "d" + target in namespace else {}
         grads.update({k: v for k, v in recorder.recorded.items() if target is None or k == target})
         result = RunResult(grads, error, forward_watch(handed_out, namespace, problem.truth.values))
-        trace_autograd(result, [(c.source, c.name) for c in cells], where=lambda f, l: f"{f}, line {l}")
+        by_name = {c.name: c for c in cells}
+        trace_autograd(result, [(c.source, c.name) for c in cells],
+                       where=lambda f, l: UserError("", "", *by_name[f].where(l)).location)
         return result
 
 

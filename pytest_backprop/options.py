@@ -67,7 +67,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("hidden", "checks to hide from students in --backprop-gradescope results: PATTERN or "
            "PATTERN=VISIBILITY entries, e.g. 'ex3 ex1::b1=after_due_date'", metavar="ENTRIES"),
     Option("steps", "SGD steps of the Exercise 4 check (backprop::ex4::sgd: your full backward trains side by side "
-           "with autograd from the lecture's start; default 50; 0 turns it off)", kind="int", default=50, metavar="N"),
+           "with autograd from the lecture's start; default 50, or 3 with --backprop-isolate; 0 turns it off)", kind="int", default=50, metavar="N"),
     Option("plots", "write plots to this folder: Exercise 4's loss curves and a heatmap of |actual - expected| for "
            "every failing gradient (needs matplotlib: pip install 'pytest-backprop[plots]')", metavar="DIR"),
     Option("device", "torch device of the Exercise 4 check, e.g. cpu (default), cuda, cuda:1; checked at startup",

@@ -83,7 +83,12 @@ def _fresh(value: Any) -> Any:
 
 
 def injectable(line: Line, values: Mapping[str, Any], upstream: Any) -> dict[str, Any]:
-    """What a per-line function may ask for: fresh copies of the inputs, output and constants, and ``d<output>``."""
+    """What a per-line function may ask for: fresh copies of the inputs, output and constants, and ``d<output>``.
+
+    Example::
+
+        injectable(LINE_OF["h"], values, dh).keys()   # hpreact, h, n, Xb, Yb, dh
+    """
     names = (*line.inputs, line.output, "n", "Xb", "Yb")
     available = {k: _fresh(values[k]) for k in names if k in values}
     if "n" not in available and "Xb" in values:
@@ -144,7 +149,12 @@ def random_upstream(line: Line, values: Mapping[str, Any], seed: int = 0) -> tor
 
 
 def expected_contributions(line: Line, values: Mapping[str, Any], upstream: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Autograd's VJP of ``line`` in the run's dtype, each tensor carrying its float64 truth and tolerance."""
+    """Autograd's VJP of ``line`` in the run's dtype, each tensor carrying its float64 truth and tolerance.
+
+    Example::
+
+        expected_contributions(LINE_OF["h"], values, dh)["hpreact"]   # (1 - h**2) * dh
+    """
     expected = line_vjp(line, values, upstream)
     as64 = {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
             for k, v in values.items() if k in (*line.inputs, *line.constants)}
@@ -229,7 +239,13 @@ def _user_locator(fn: Callable[..., Any]) -> Callable[[BaseException], UserError
 
 def judge_line(line: Line, values: Mapping[str, Any], upstream: torch.Tensor, answers: Mapping[str, Any] | None,
                error: UserError | None = None) -> LineCheck:
-    """Compare answers already computed (e.g. in a child process) with autograd's VJP."""
+    """Compare answers already computed (e.g. in a child process) with autograd's VJP.
+
+    Example::
+
+        answers, error = answer_line(fn, line, values, up)   # e.g. in a child process
+        check = judge_line(line, values, up, answers, error)
+    """
     check = LineCheck(line, upstream, expected_contributions(line, values, upstream), error=error)
     if answers is None:
         check.missing = error is None
@@ -244,7 +260,12 @@ def judge_line(line: Line, values: Mapping[str, Any], upstream: torch.Tensor, an
 
 def answer_line(fn: Callable[..., Any] | None, line: Line, values: Mapping[str, Any], upstream: torch.Tensor,
                 timeout: float | None = None) -> tuple[dict[str, Any] | None, UserError | None]:
-    """Run one per-line function on ``upstream``: (answers, None), (None, error), or (None, None) without fn."""
+    """Run one per-line function on ``upstream``: (answers, None), (None, error), or (None, None) without fn.
+
+    Example::
+
+        answers, error = answer_line(backward_lines.backward_h, LINE_OF["h"], values, dh)
+    """
     if fn is None:
         return None, None
     answers, exc = call_user(lambda: call_line(fn, line, values, upstream), timeout)
@@ -329,7 +350,12 @@ def chain(functions: Mapping[str, Callable[..., Any]], values: Mapping[str, Any]
 
 def line_verdicts(functions: Mapping[str, Callable[..., Any]], values: Mapping[str, Any], *, seed: int = 0,
                   timeout: float | None = None) -> list[Verdict]:
-    """One verdict per line of the table (backward order): ``check_line`` for each, skipped when absent."""
+    """One verdict per line of the table (backward order): ``check_line`` for each, skipped when absent.
+
+    Example::
+
+        [v.status for v in line_verdicts(line_functions(backward_lines), values)]   # 20 x 'pass'
+    """
     return [check_line(functions.get(line.output), line, values, seed=seed, timeout=timeout).verdict()
             for line in reversed(LINES)]
 
@@ -380,7 +406,12 @@ class LinesImplementation(Implementation):
 
 
 def judge_answers(answers: Mapping[str, tuple[Any, UserError | None]], problem: Any) -> list[Verdict]:
-    """Verdicts for per-line answers computed by :meth:`LinesImplementation.line_answers`."""
+    """Verdicts for per-line answers computed by :meth:`LinesImplementation.line_answers`.
+
+    Example::
+
+        verdicts = judge_answers(impl.line_answers(problem, 60), problem)
+    """
     values = problem.truth.values
     verdicts = []
     for line in reversed(LINES):

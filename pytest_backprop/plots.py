@@ -8,6 +8,7 @@ is asked for (``--backprop-plots DIR``, ``backprop-train --plot PATH``).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +26,17 @@ def _pyplot() -> Any:
     except ImportError as exc:  # pragma: no cover -- matplotlib is installed where the tests run
         raise PlotsUnavailable("plots need matplotlib: pip install 'pytest-backprop[plots]'") from exc
     return plt
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Write the PNG atomically: xdist workers may write the same heatmap at the same time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def _smoothed(values: Sequence[float], window: int) -> tuple[list[float], list[float]]:
@@ -66,8 +78,7 @@ def loss_curves(curves: Mapping[str, Sequence[float]], path: str | Path, *, titl
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -100,6 +111,28 @@ def difference_heatmap(name: str, actual: Any, expected: Any, path: str | Path, 
     fig.colorbar(image, ax=ax, label="|actual - expected|")
     ax.set_title(f"{name}: |actual - expected|" + (f"\n{note}" if note else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
+
+
+def failure_heatmaps(folder: str | Path, exercise: str, grads: Mapping[str, Any], verdicts: Sequence[Any],
+                     problem: Any) -> list[Path]:
+    """A heatmap per failing gradient of one exercise: ``<folder>/<exercise>_d<tensor>.png``.
+
+    ``expected`` is autograd in the run's dtype (the lecture's ``t.grad``). Answers that are not
+    tensors are skipped (their verdict already says what they are).
+
+    Example::
+
+        failure_heatmaps("plots", "ex1", run.grads, verdicts, problem)   # [plots/ex1_dcounts.png, ...]
+    """
+    import torch
+
+    written = []
+    for v in verdicts:
+        actual = grads.get(v.tensor)
+        if v.status != "fail" or not isinstance(actual, torch.Tensor) or v.tensor not in problem.grads:
+            continue
+        written.append(difference_heatmap(f"d{v.tensor} ({exercise})", actual, problem.grads[v.tensor],
+                                          Path(folder) / f"{exercise}_d{v.tensor}.png", note=v.diagnosis.code))
+    return written

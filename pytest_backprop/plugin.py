@@ -7,7 +7,7 @@ requested, the plugin costs nothing. The work happens in modules imported lazily
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -20,7 +20,9 @@ from .fixtures import (  # noqa: F401 -- imported so that pytest registers the f
     makemore_params,
     makemore_words,
 )
-from .state import STATE_KEY, KitState, Settings
+
+if TYPE_CHECKING:
+    from .state import KitState
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,6 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
     gradescope.register_markers(config)  # always, so that --strict-markers accepts them
     grader = gradescope.configure(config)  # None unless --backprop-gradescope
     if options.get(config, ""):
+        from .state import STATE_KEY, KitState, Settings  # only with --backprop: P1, the plugin off costs ~nothing
+
         try:
             settings = Settings.from_config(config)
         except pytest.UsageError as exc:

@@ -23,19 +23,21 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import HealthCheck, Phase, example, given, seed, settings
 
-from reference_model.model import LINE_OF, Config, Line, Truth, consumers, forward_expanded
+from reference_model.model import LINE_OF, LINES, Config, Line, Truth, forward_expanded, run_line
 
 from .checks import verdicts_for_run
 from .compare import compare
@@ -97,7 +99,13 @@ class Search:
 
 @contextmanager
 def single_thread() -> Iterator[None]:
-    """Run torch on one thread: on tiny tensors the thread pool costs ~10x the work (measured)."""
+    """Run torch on one thread: on tiny tensors the thread pool costs ~10x the work (measured).
+
+    Example::
+
+        with single_thread():
+            problem = case_problem(case)
+    """
     previous = torch.get_num_threads()
     if previous != 1:
         torch.set_num_threads(1)
@@ -108,28 +116,45 @@ def single_thread() -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def run_search(test: Callable[..., None], strategy: st.SearchStrategy[Any], search: Search) -> tuple[PropertyFailed | None, str]:
-    """Run ``test`` under ``@given(strategy)``; return the minimal :class:`PropertyFailed` (or None) and
-    hypothesis's notes (falsifying example, ``@reproduce_failure`` blob).
+def run_search(test: Callable[..., None], strategy: st.SearchStrategy[Any], search: Search,
+               explicit: tuple[Any, ...] = ()) -> tuple[PropertyFailed | None, str]:
+    """Run ``test`` under ``@given(strategy)`` (after the ``explicit`` examples); return the minimal
+    :class:`PropertyFailed` (or None) and hypothesis's notes (``@reproduce_failure`` blob).
 
-    Other exceptions (hypothesis health checks, a bug of the kit) propagate.
+    Hypothesis tries the simplest case first (n=2, vocabulary 2, one unit everywhere), so sizes
+    written into the code are found on the first example. Other exceptions (health checks, a bug
+    of the kit) propagate.
+
+    Example::
+
+        failure, notes = run_search(lambda case: check(case), makemore_cases(), Search(examples=5))
     """
     wrapped = given(strategy)(test)
+    for value in reversed(explicit):
+        wrapped = example(value)(wrapped)
     wrapped = search.settings()(wrapped)
     if search.seed is not None and not search.derandomize:
         wrapped = seed(search.seed)(wrapped)
+    # hypothesis's first run calls gc.collect(): ~0.2 s over torch's objects, unless they are frozen
+    freeze = gc.get_freeze_count() == 0  # (someone else's freeze is left alone)
+    if freeze:
+        gc.freeze()
     try:
         with single_thread():
             wrapped()
     except PropertyFailed as exc:
-        notes = "\n".join(n for n in getattr(exc, "__notes__", []) if "reproduce_failure" in n or "seed" in n)
+        blobs = [n.strip() for n in getattr(exc, "__notes__", []) if "@reproduce_failure(" in n]
+        notes = "".join(f"hypothesis blob: {b[b.index('@reproduce_failure('):].split(')')[0]})" for b in blobs[:1])
         return exc, notes
+    finally:
+        if freeze:
+            gc.unfreeze()
     return None, ""
 
 
 # --- verdicts ------------------------------------------------------------------------------------
 
-def passed(exercise: str, tensor: str, what: str, search: Search, *, line: str | None = None) -> Verdict:
+def _passed(exercise: str, tensor: str, what: str, search: Search, *, line: str | None = None) -> Verdict:
     """The verdict of a property that found no failing case."""
     return Verdict(exercise, tensor, PASS, None, True, None, (), None,
                    Diagnosis("ok", f"{what}: no failing case in {search.examples} generated examples"), line=line,
@@ -137,11 +162,16 @@ def passed(exercise: str, tensor: str, what: str, search: Search, *, line: str |
 
 
 def skipped(exercise: str, tensor: str, message: str) -> Verdict:
-    """A property that could not run (nothing to check)."""
+    """A property that could not run (nothing to check).
+
+    Example::
+
+        skipped("prop-lines", "h", "no backward_h() found").status   # 'skip'
+    """
     return Verdict(exercise, tensor, SKIP, None, None, None, (), None, Diagnosis("missing", message))
 
 
-def failed(exercise: str, inner: Verdict, case: Any, message: str, code: str, search: Search, notes: str,
+def _failed(exercise: str, inner: Verdict, case: Any, message: str, code: str, search: Search, notes: str,
            extra: Mapping[str, Any] | None = None) -> Verdict:
     """The verdict of a property with a failing case: the inner gradient's verdict, re-labelled."""
     details = {"case": repr(case), "gradient": inner.tensor, "inner_code": inner.diagnosis.code,
@@ -156,7 +186,12 @@ def failed(exercise: str, inner: Verdict, case: Any, message: str, code: str, se
 
 
 def describe_config(config: Config, keys: tuple[str, ...] | None = None) -> str:
-    """``n=2, vocab_size=3`` for the given size fields (default: all five)."""
+    """``n=2, vocab_size=3`` for the given size fields (default: all five).
+
+    Example::
+
+        describe_config(Config(), ("batch_size",))   # 'n=32'
+    """
     return ", ".join(f"{label}={getattr(config, attr)}" for attr, label in _SIZE_NAMES if keys is None or attr in keys)
 
 
@@ -165,6 +200,10 @@ def size_blame(lecture: Config, failing: Config, fails_at: Callable[[Config], bo
 
     Returns (attribute, message) like ``("batch_size", "passes at n=32, fails at n=2: is 32 written
     into your code?")``, or None when no single size does.
+
+    Example::
+
+        size_blame(Config(), Config(batch_size=2), lambda c: c.batch_size != 32)[0]   # 'batch_size'
     """
     for attr, label in _SIZE_NAMES:
         old, new = getattr(lecture, attr), getattr(failing, attr)
@@ -176,7 +215,12 @@ def size_blame(lecture: Config, failing: Config, fails_at: Callable[[Config], bo
 
 
 def lecture_message(lecture: Config, failing: Config) -> str:
-    """The fallback hardcoded_shape message when no single size is to blame."""
+    """The fallback hardcoded_shape message when no single size is to blame.
+
+    Example::
+
+        lecture_message(Config(), Config(batch_size=2, n_hidden=1))   # 'passes at ... (n=32, n_hidden=64), ...'
+    """
     changed = tuple(attr for attr, _ in _SIZE_NAMES if getattr(lecture, attr) != getattr(failing, attr))
     return (f"passes at the lecture's sizes ({describe_config(lecture, changed)}), fails at "
             f"{describe_config(failing, changed)}: is a size written into your code? Use n, "
@@ -188,23 +232,72 @@ def lecture_message(lecture: Config, failing: Config) -> str:
 def case_problem(case: Case) -> Problem:
     """The float64 problem (truth + tolerances) of a generated case.
 
-    Each tolerance is the rule's times :data:`FLOAT64_SLACK`, with a floor of ``FLOAT64_SLACK``
-    float64 ulps of the gradient's own scale and of the gradients it is computed from (the outputs
-    of the lines that read the tensor). Why: PyTorch's float32 error, which the rule scales down to
-    float64, can be luckily tiny where a true gradient is a cancellation (db1, dlogit_maxes, saturated
-    tanh at n=2), while a correct derivation is a few ulps of its terms away. Real mistakes are off
-    by a sizable fraction of those terms, far above this.
+    Each tolerance is the larger of the rule's times :data:`FLOAT64_SLACK` and the float64 noise
+    floor of :func:`noise_floor`. Why: the rule scales PyTorch's float32 error down to float64, and
+    that error can be luckily tiny where a true gradient is a cancellation (db1, dlogit_maxes; at
+    n=2 everything below batchnorm), while a correct derivation is a few ulps of its terms away.
+    Real mistakes are off by a sizable fraction of those terms, far above either.
+
+    Example::
+
+        problem = case_problem(case)
+        implementation.run("ex1", problem, timeout=10)
     """
     problem = problem_from_batch(case.config, case.params, case.Xb, case.Yb, dtype=DTYPE)
     truth = problem.truth64.grads
+    floor = noise_floor(problem.truth64.values, truth)
     for name, tol in list(problem.tolerances.items()):
-        scales = [_absmax(truth[name])] + [_absmax(truth[line.output]) if line.output in truth else 1.0
-                                           for line in consumers(name)]
-        atol = max(tol.atol * FLOAT64_SLACK, FLOAT64_SLACK * EPS64 * max(scales))
-        wider = Tolerance(atol=atol, rtol=tol.rtol, origin=f"rule x{FLOAT64_SLACK}, float64 property")
+        atol = max(tol.atol * FLOAT64_SLACK, floor[name])
+        wider = Tolerance(atol=atol, rtol=tol.rtol, origin=f"rule x{FLOAT64_SLACK} or float64 noise floor")
         problem.tolerances[name] = wider
         attach(problem.truth.grads[name], Reference(truth[name], wider))
     return problem
+
+
+#: Lines whose Jacobian entries are signed input values (products, squares): |J| needs |inputs|.
+_ABS_INPUT_LINES = frozenset({"hprebn", "bndiff2", "bnraw", "hpreact", "logits", "probs"})
+
+
+def _abs_vjp(line: Line, values: Mapping[str, Any], level: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``|J|^T level`` for one line (``level`` >= 0): the VJP with |inputs| where the Jacobian's entries
+    are input values, then abs. Exact for every line of the table (products, sums, elementwise maps)."""
+    absolute = line.output in _ABS_INPUT_LINES
+    namespace: dict[str, Any] = {k: values[k] for k in line.constants}
+    leaves = {k: (values[k].detach().abs() if absolute else values[k].detach()).clone().requires_grad_(True)
+              for k in line.inputs}
+    namespace.update(leaves)
+    with torch.enable_grad():
+        out = run_line(line, namespace)
+        # a scalar objective: autograd.grad without grad_outputs (that path imports sympy, ~0.3 s)
+        parts = torch.autograd.grad((out * level).sum(), list(leaves.values()), allow_unused=True)
+    return {k: (p.abs() if p is not None else torch.zeros_like(leaves[k])) for k, p in zip(leaves, parts)}
+
+
+def noise_floor(values: Mapping[str, Any], grads: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """How far a correct float64 derivation may be from autograd, per gradient.
+
+    Rounding error analysis of backprop, with ``FLOAT64_SLACK`` ulps per term: each tensor's
+    gradient carries ``FLOAT64_SLACK * eps64 * |gradient|`` plus the error its consumers pass on;
+    both go back through each line's absolute Jacobian (``|J|^T``, so nothing cancels). The floor
+    of a gradient is its largest element. Where a true gradient is a cancellation (db1 is exactly
+    0; at n=2 everything below batchnorm is nearly 0) the floor is the size of the terms that
+    cancel, not the noise-sized result.
+
+    Example::
+
+        floor = noise_floor(problem.truth64.values, problem.truth64.grads)
+        floor["b1"]   # ~1e-13 x sum|dhprebn|, although db1 is 0
+    """
+    unit = FLOAT64_SLACK * EPS64
+    noise: dict[str, torch.Tensor] = {"loss": torch.full((), unit, dtype=DTYPE)}
+    for line in reversed(LINES):
+        out = line.output
+        level = noise.get(out, torch.zeros((), dtype=DTYPE))
+        if out in grads:
+            level = level + unit * grads[out].abs().to(DTYPE)
+        for name, part in _abs_vjp(line, values, level.to(values[out].dtype)).items():
+            noise[name] = part.to(DTYPE) if name not in noise else noise[name] + part.to(DTYPE)
+    return {name: _absmax(noise.get(name, torch.zeros(())) + unit * grad.abs().to(DTYPE)) for name, grad in grads.items()}
 
 
 def _absmax(t: torch.Tensor) -> float:
@@ -218,10 +311,11 @@ def _bad(verdicts: list[Verdict]) -> Verdict | None:
     return next((v for v in verdicts if v.status in (FAIL, ERROR)), None)
 
 
-def _run_case(implementation: Any, exercise: str, case: Case, timeout: float | None) -> Verdict | None:
+def _run_case(implementation: Any, exercise: str, case: Case, timeout: float | None,
+              ignore: frozenset[str] = frozenset()) -> Verdict | None:
     problem = case_problem(case)
     run = implementation.run(exercise, problem, timeout)
-    return _bad(verdicts_for_run(exercise, run, problem))
+    return _bad([v for v in verdicts_for_run(exercise, run, problem) if v.tensor not in ignore])
 
 
 def _fixed_case(config: Config, pattern: Mapping[str, str] | None = None) -> Case:
@@ -239,12 +333,14 @@ def _fixed_case(config: Config, pattern: Mapping[str, str] | None = None) -> Cas
 
 def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search | None = None,
                    examples: int | None = None, broadcast: bool = False, lecture: Config | None = None,
-                   lecture_passed: bool = False, label: str | None = None,
-                   configs: st.SearchStrategy[Config] | None = None) -> Verdict:
+                   lecture_passed: bool = False, lecture_failures: Collection[str] | None = None,
+                   label: str | None = None, configs: st.SearchStrategy[Config] | None = None) -> Verdict:
     """Run ``implementation`` on generated cases; a :class:`Verdict` for the whole backward.
 
     ``lecture_passed`` says the lecture's problem passes (the ``backprop::ex1`` items): then a
-    generated failure is ``hardcoded_shape``, with the size that broke it. With ``broadcast`` the
+    generated failure is ``hardcoded_shape``, with the size that broke it. ``lecture_failures``
+    names the gradients that already fail at the lecture's sizes: they are left to their own items
+    (not counted twice) and the rest is treated as passing there. With ``broadcast`` the
     parameters also come in every :func:`~pytest_backprop.strategies.param_patterns` pattern, and a
     failure names the pattern that broke the gradient.
 
@@ -257,18 +353,25 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
     lecture = lecture or Config()
     label = label or ("bcast-" + exercise if broadcast else "prop-" + exercise)
     timeout = search.timeout
-    strategy = makemore_cases(configs, patterns=param_patterns() if broadcast else None,
-                              regimes=st.sampled_from(PARAM_REGIMES))
+    ignore = frozenset(lecture_failures or ())
+    if lecture_failures is not None:
+        lecture_passed = True
+        from .checks import EXERCISE_TENSORS
+
+        if set(EXERCISE_TENSORS.get(exercise, ())) <= ignore:
+            return skipped(label, "all", "every gradient already fails at the lecture's sizes: fix those first")
+    strategy = _whole_cases(broadcast) if configs is None else makemore_cases(
+        configs, patterns=param_patterns() if broadcast else None, regimes=st.sampled_from(PARAM_REGIMES))
 
     def test(case: Case) -> None:
-        bad = _run_case(implementation, exercise, case, timeout)
+        bad = _run_case(implementation, exercise, case, timeout, ignore)
         if bad is not None:
             raise PropertyFailed(case, bad)
 
     failure, notes = run_search(test, strategy, search)
     if failure is None:
         what = "every gradient matches autograd on generated sizes" + (" and broadcasting patterns" if broadcast else "")
-        return passed(label, "all", what, search)
+        return _passed(label, "all", what, search)
     case, inner = failure.case, failure.verdict
     where = f"fails at {case.describe()}"
     message = f"{where} (smallest case found): d{inner.tensor} [{inner.diagnosis.code}] {inner.diagnosis.message}"
@@ -277,30 +380,35 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
     with single_thread():
         if broadcast and case.pattern != LECTURE_PATTERN:
             plain = Case(case.config, _reshape_like_lecture(case.params), case.Xb, case.Yb, dict(LECTURE_PATTERN), case.regime)
-            if _run_case(implementation, exercise, plain, timeout) is None:
+            if _run_case(implementation, exercise, plain, timeout, ignore) is None:
                 code = "broadcast"
                 message = (f"with parameters {describe_pattern(case.pattern)} (a correct forward pass too), "
                            f"d{inner.tensor} is wrong: {inner.diagnosis.message} (at {describe_config(case.config)}); "
                            "reduce the gradient to its parameter's shape, e.g. g.sum_to_size(p.shape)")
                 extra["pattern"] = describe_pattern(case.pattern)
-                return failed(label, inner, case, message, code, search, notes, extra)
+                return _failed(label, inner, case, message, code, search, notes, extra)
         if lecture_passed:
-            at_lecture_sizes = _run_case(implementation, exercise, _fixed_case(lecture, case.pattern), timeout)
+            at_lecture_sizes = _run_case(implementation, exercise, _fixed_case(lecture, case.pattern), timeout, ignore)
             if at_lecture_sizes is not None:  # fine in the lecture's float32, wrong in float64 at its own sizes
                 code = at_lecture_sizes.diagnosis.code
                 message = (f"passes the lecture's check in float32 but fails in float64 at the same sizes: "
                            f"d{at_lecture_sizes.tensor} [{code}] {at_lecture_sizes.diagnosis.message}; "
                            "create new tensors with *_like(...) or dtype=x.dtype")
-                return failed(label, at_lecture_sizes, case, message, code, search, notes, extra)
+                return _failed(label, at_lecture_sizes, case, message, code, search, notes, extra)
             blame = size_blame(lecture, case.config, lambda c: _run_case(
-                implementation, exercise, _fixed_case(c, case.pattern), timeout) is not None)
+                implementation, exercise, _fixed_case(c, case.pattern), timeout, ignore) is not None)
             code = "hardcoded_shape"
             if blame is not None:
                 extra["size"] = blame[0]
                 message = f"{blame[1]} (d{inner.tensor}: {inner.diagnosis.message})"
             else:
                 message = f"{lecture_message(lecture, case.config)} (d{inner.tensor}: {inner.diagnosis.message})"
-    return failed(label, inner, case, message, code, search, notes, extra)
+    return _failed(label, inner, case, message, code, search, notes, extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_cases(broadcast: bool) -> st.SearchStrategy[Case]:
+    return makemore_cases(patterns=param_patterns() if broadcast else None, regimes=st.sampled_from(PARAM_REGIMES))
 
 
 def _reshape_like_lecture(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -323,14 +431,26 @@ class LineCase:
 
 
 def case_values(case: Case) -> dict[str, Any]:
-    """Every forward value of a case (float64, detached), with n, Xb, Yb."""
+    """Every forward value of a case (float64, detached), with n, Xb, Yb.
+
+    Example::
+
+        case_values(case)["logits"].shape   # (n, vocab_size)
+    """
     with torch.no_grad():
         values = forward_expanded({k: v.to(DTYPE) for k, v in case.params.items()}, case.Xb, case.Yb)
     return values
 
 
+@functools.lru_cache(maxsize=None)
 def line_cases(*, broadcast: bool = False) -> st.SearchStrategy[LineCase]:
-    """Cases for per-line properties: a generated network and batch, and an upstream-gradient seed."""
+    """Cases for per-line properties: a generated network and batch, and an upstream-gradient seed.
+
+    Example::
+
+        @given(line_cases())
+        def test_line(lc): check_line(fn, LINE_OF["h"], case_values(lc.case), seed=lc.upstream_seed)
+    """
     cases = makemore_cases(patterns=param_patterns() if broadcast else None,
                            regimes=st.sampled_from(PARAM_REGIMES))
     return st.builds(LineCase, cases, st.integers(0, 2**31 - 1))
@@ -388,7 +508,7 @@ def line_property(fn: Callable[..., Any], output: str, *, search: Search | None 
 
     failure, notes = run_search(test, line_cases(broadcast=broadcast), search)
     if failure is None:
-        return passed(label, output, f"backward_{output} matches autograd's VJP on generated sizes"
+        return _passed(label, output, f"backward_{output} matches autograd's VJP on generated sizes"
                       + (" and broadcasting patterns" if broadcast else ""), search, line=line.source)
     lc, inner = failure.case, failure.verdict
     case = lc.case
@@ -404,7 +524,7 @@ def line_property(fn: Callable[..., Any], output: str, *, search: Search | None 
                            f"{inner.diagnosis.message}; reduce each gradient to its input's shape "
                            "(e.g. g.sum_to_size(p.shape))")
                 extra["pattern"] = describe_pattern(case.pattern)
-                return failed(label, inner, lc, message, code, search, notes, extra)
+                return _failed(label, inner, lc, message, code, search, notes, extra)
         if lecture_values is not None and lecture is not None and check_line(
                 fn, line, lecture_values, seed=lc.upstream_seed, timeout=timeout).passed:
             blame = size_blame(lecture, case.config, lambda c: _check_line(
@@ -414,7 +534,7 @@ def line_property(fn: Callable[..., Any], output: str, *, search: Search | None 
             if blame:
                 extra["size"] = blame[0]
             message = f"{head} (backward_{output}: {inner.diagnosis.message})"
-    return failed(label, inner, lc, message, code, search, notes, extra)
+    return _failed(label, inner, lc, message, code, search, notes, extra)
 
 
 # --- Exercises 2 and 3 ---------------------------------------------------------------------------
@@ -433,8 +553,15 @@ class LogitsCase:
                 f"{float(self.logits.abs().max()):.4g}; logits={self.logits.tolist()}, Yb={self.Yb.tolist()})")
 
 
+@functools.lru_cache(maxsize=None)
 def logits_cases(regimes: tuple[str, ...] = ("lecture", "large_logits", "extreme")) -> st.SearchStrategy[LogitsCase]:
-    """(n, V) logits in a value regime (n >= 2, V >= 2; shapes from ``array_shapes``) and valid targets."""
+    """(n, V) logits in a value regime (n >= 2, V >= 2; shapes from ``array_shapes``) and valid targets.
+
+    Example::
+
+        @given(logits_cases(("extreme",)))
+        def test_ce(lc): cross_entropy_problem(lc).grads["logits"]
+    """
     @st.composite
     def build(draw: Any) -> LogitsCase:
         shape = draw(hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=8))
@@ -451,6 +578,11 @@ def cross_entropy_problem(lc: LogitsCase) -> Problem:
 
     The truth is autograd of ``F.cross_entropy`` in float64 (stable at any logit), its tolerance the
     rule's (float32 autograd vs float64).
+
+    Example::
+
+        p = cross_entropy_problem(LogitsCase(logits, Yb, "extreme"))
+        implementation.run("ex2", p, timeout=10)
     """
     def grad(dtype: torch.dtype) -> torch.Tensor:
         x = lc.logits.detach().clone().to(dtype).requires_grad_(True)
@@ -462,7 +594,10 @@ def cross_entropy_problem(lc: LogitsCase) -> Problem:
     tolerance = derive(g32, g64, DTYPE)
     attach(g64, Reference(g64, tolerance))
     n, vocab = lc.logits.shape
-    values = {"logits": lc.logits.clone(), "Yb": lc.Yb, "n": n, "Xb": torch.zeros((n, 1), dtype=torch.long)}
+    values: dict[str, Any] = {"logits": lc.logits.clone(), "Yb": lc.Yb, "n": n, "Xb": torch.zeros((n, 1), dtype=torch.long)}
+    with torch.no_grad():  # the lines after logits too (a notebook's Exercise 2 cell compares with `loss`)
+        for line in LINES[LINES.index(LINE_OF["logit_maxes"]):]:
+            run_line(line, values)
     values["logits"].grad = g64
     truth = Truth(DTYPE, values, {"logits": g64}, float(F.cross_entropy(lc.logits, lc.Yb)))
     config = Config(vocab_size=vocab, batch_size=n, block_size=1)
@@ -488,9 +623,11 @@ def cross_entropy_property(implementation: Any, *, search: Search | None = None,
         if bad is not None:
             raise PropertyFailed(lc, bad)
 
-    failure, notes = run_search(test, logits_cases(), search)
+    # Always try one overflowing case: exp(710) is inf even in float64.
+    overflow = LogitsCase(torch.tensor([[710.0, 0.0], [0.0, 1.0]], dtype=DTYPE), torch.tensor([0, 1]), "extreme")
+    failure, notes = run_search(test, logits_cases(), search, explicit=(overflow,))
     if failure is None:
-        return passed("prop-ex2", "logits", "dlogits matches autograd for generated sizes and extreme logits", search)
+        return _passed("prop-ex2", "logits", "dlogits matches autograd for generated sizes and extreme logits", search)
     lc, inner = failure.case, failure.verdict
     n, vocab = lc.logits.shape
     code = inner.diagnosis.code
@@ -508,7 +645,7 @@ def cross_entropy_property(implementation: Any, *, search: Search | None = None,
     elif lecture_passed:
         code = "hardcoded_shape"
         message = f"passes at the lecture's sizes, fails at n={n}, vocab_size={vocab}: is 32 or 27 written into your code? ({inner.diagnosis.message})"
-    return failed("prop-ex2", inner, lc, message, code, search, notes)
+    return _failed("prop-ex2", inner, lc, message, code, search, notes)
 
 
 def batchnorm_property(implementation: Any, *, search: Search | None = None, examples: int | None = None,
@@ -523,7 +660,7 @@ def batchnorm_property(implementation: Any, *, search: Search | None = None, exa
     verdict = whole_backward(implementation, "ex3", search=search, lecture=lecture, lecture_passed=lecture_passed,
                              label="prop-ex3")
     if verdict.status == PASS:
-        return passed("prop-ex3", "hprebn", "dhprebn matches autograd on generated sizes down to n=2", search)
+        return _passed("prop-ex3", "hprebn", "dhprebn matches autograd on generated sizes down to n=2", search)
     return verdict
 
 

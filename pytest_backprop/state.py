@@ -139,6 +139,16 @@ class KitState:
             run = self.implementation.run(exercise, self.problem, self.settings.timeout)
             self.results[exercise] = verdicts_for_run(exercise, run, self.problem)
             self.run_warnings[exercise] = run.warnings
+            if self.option("plots"):  # --backprop-plots (issue 5): a heatmap per failing gradient
+                self._plot_failures(exercise, run.grads)
+
+    def _plot_failures(self, exercise: str, grads: dict[str, Any]) -> None:
+        try:
+            from .plots import failure_heatmaps
+
+            failure_heatmaps(self.option("plots"), exercise, grads, self.results[exercise], self.problem)
+        except Exception as exc:  # noqa: BLE001 -- a plot must never turn a verdict into a crash
+            self.run_warnings[exercise].append(Diagnosis("plots", f"could not write plots: {exc}"))
 
 
 STATE_KEY = pytest.StashKey[KitState]()

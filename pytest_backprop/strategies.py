@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -32,7 +33,8 @@ from reference_model.model import Config, params_only
 
 __all__ = [
     "Case", "LECTURE_PATTERN", "REGIMES", "apply_pattern", "batches", "describe_pattern", "elements",
-    "makemore_cases", "makemore_configs", "makemore_params", "param_patterns", "shapes", "tensors",
+    "makemore_cases", "makemore_configs", "makemore_params", "param_patterns", "params_from_seed", "shapes",
+    "tensors",
 ]
 
 #: Value regimes for :func:`elements` / :func:`tensors` and (by name) for :func:`makemore_params`.
@@ -53,6 +55,7 @@ _PATTERN_CHOICES = {"b1": ("flat", "row"), "b2": ("flat", "row"), "bngain": ("ro
 _SIZE_OF = {"b1": "H", "b2": "V", "bngain": "H", "bnbias": "H"}
 
 
+@functools.lru_cache(maxsize=512)  # strategies are immutable: reuse them (hypothesis caches per object)
 def makemore_configs(*, max_batch: int = 8, max_vocab: int = 8, max_embd: int = 4, max_hidden: int = 8,
                      max_block: int = 4) -> st.SearchStrategy[Config]:
     """Sizes of the network: batch n >= 2 (Bessel's n-1), vocab >= 2, n_embd, n_hidden, block_size >= 1.
@@ -132,6 +135,7 @@ def tensors(shape: tuple[int, ...] | st.SearchStrategy[tuple[int, ...]], *, dtyp
     return hnp.arrays(np_dtype, shape, elements=elements, fill=st.nothing()).map(lambda a: torch.from_numpy(a.copy()))
 
 
+@functools.lru_cache(maxsize=512)  # strategies are immutable: reuse them (hypothesis caches per object)
 def batches(config: Config) -> st.SearchStrategy[tuple[torch.Tensor, torch.Tensor]]:
     """A batch ``(Xb, Yb)`` for ``config``: (n, block_size) contexts and (n,) targets, valid token indices.
 
@@ -149,6 +153,7 @@ def batches(config: Config) -> st.SearchStrategy[tuple[torch.Tensor, torch.Tenso
     return st.tuples(Xb, Yb).map(lambda xy: (torch.from_numpy(xy[0].copy()), torch.from_numpy(xy[1].copy())))
 
 
+@functools.lru_cache(maxsize=512)  # strategies are immutable: reuse them (hypothesis caches per object)
 def param_patterns() -> st.SearchStrategy[dict[str, str]]:
     """Broadcasting patterns of the parameters: ``{"b1": "flat" | "row", "b2": ..., "bngain": ..., "bnbias": ...}``.
 
@@ -200,6 +205,7 @@ def _scale_to_regime(params: dict[str, torch.Tensor], regime: str) -> dict[str, 
     return p
 
 
+@functools.lru_cache(maxsize=512)  # strategies are immutable: reuse them (hypothesis caches per object)
 def makemore_params(config: Config, *, regime: str = "lecture", dtype: torch.dtype = torch.float64) -> st.SearchStrategy[dict[str, torch.Tensor]]:
     """Parameters for ``config``: the lecture's initialisation from a drawn seed, scaled to a regime.
 
@@ -213,11 +219,19 @@ def makemore_params(config: Config, *, regime: str = "lecture", dtype: torch.dty
             p = data.draw(makemore_params(Config(n_hidden=3)))
             assert p["W1"].shape == (30, 3)
     """
-    def build(seed: int) -> dict[str, torch.Tensor]:
-        params = params_only(config.with_(seed=seed), dtype=torch.float32)
-        return {k: v.to(dtype) for k, v in _scale_to_regime(params, regime).items()}
+    return st.integers(0, 2**31 - 1).map(lambda seed: params_from_seed(config, seed, regime=regime, dtype=dtype))
 
-    return st.integers(0, 2**31 - 1).map(build)
+
+def params_from_seed(config: Config, seed: int, *, regime: str = "lecture",
+                     dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The parameters :func:`makemore_params` draws for ``seed``: rebuild a reported case with it.
+
+    Example::
+
+        params = params_from_seed(Config(batch_size=2, vocab_size=2, n_embd=1, n_hidden=1, block_size=1), 7)
+    """
+    params = params_only(config.with_(seed=seed), dtype=torch.float32)
+    return {k: v.to(dtype) for k, v in _scale_to_regime(params, regime).items()}
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,7 @@ class Case:
     Yb: torch.Tensor = field(repr=False)
     pattern: dict[str, str] = field(default_factory=lambda: dict(LECTURE_PATTERN))
     regime: str = "lecture"
+    param_seed: int | None = None  # params_from_seed(config, param_seed, regime=regime), then the pattern
 
     def describe(self) -> str:
         """``n=2, vocab_size=2, n_embd=1, n_hidden=1, block_size=1`` plus pattern and regime when unusual."""
@@ -243,7 +258,8 @@ class Case:
         return text
 
     def __repr__(self) -> str:
-        return (f"Case({self.describe()}; Xb={self.Xb.tolist()}, Yb={self.Yb.tolist()})")
+        seed = f"params from seed {self.param_seed}; " if self.param_seed is not None else ""
+        return f"Case({self.describe()}; {seed}Xb={self.Xb.tolist()}, Yb={self.Yb.tolist()})"
 
 
 def _max_logit_gap(params: Mapping[str, torch.Tensor], Xb: torch.Tensor) -> float:
@@ -282,11 +298,12 @@ def makemore_cases(configs: st.SearchStrategy[Config] | None = None, *,
     def build(draw: Any) -> Case:
         config = draw(configs)
         regime = draw(regimes)
-        params = draw(makemore_params(config, regime=regime, dtype=dtype))
+        seed = draw(st.integers(0, 2**31 - 1))
+        params = params_from_seed(config, seed, regime=regime, dtype=dtype)
         Xb, Yb = draw(batches(config))
         pattern = draw(patterns)
         params = apply_pattern(params, pattern)
         assume(_max_logit_gap(params, Xb) > 1e-6)
-        return Case(config, params, Xb, Yb, dict(pattern), regime)
+        return Case(config, params, Xb, Yb, dict(pattern), regime, seed)
 
     return build()

@@ -44,7 +44,13 @@ class UserError:
 
 def locate(exc: BaseException, is_user_file: Callable[[str], bool], source_lines: Callable[[str, int], str | None],
            display_name: Callable[[str, int], tuple[str, int]] = lambda f, l: (f, l)) -> UserError:
-    """A :class:`UserError` for ``exc`` pointing at the innermost frame in user code."""
+    """A :class:`UserError` for ``exc`` pointing at the innermost frame in user code.
+
+    Example::
+
+        error = locate(exc, lambda f: f == "student.py", lambda f, l: linecache.getline(f, l))
+        error.location   # 'student.py:12'
+    """
     frame_file, frame_line = None, None
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         if is_user_file(frame.f_code.co_filename):
@@ -66,6 +72,11 @@ def time_limit(seconds: float | None) -> Iterator[None]:
 
     Elsewhere (a worker thread, Windows) no limit is applied; ``--backprop-isolate`` is the robust
     alternative there.
+
+    Example::
+
+        with time_limit(1.0):
+            exec(user_code, namespace)   # UserCodeTimeout after 1 s
     """
     usable = (seconds and seconds > 0 and hasattr(signal, "setitimer")
               and threading.current_thread() is threading.main_thread())
@@ -114,12 +125,7 @@ def guard_torch() -> Iterator[None]:
         yield
     finally:
         for target, before in zip(targets, saved):
-            now = vars(target)
-            for key in [k for k in now if k not in before]:
-                try:
-                    delattr(target, key)
-                except (AttributeError, TypeError):
-                    pass
+            now = vars(target)  # attributes added meanwhile stay: lazily imported submodules land here
             for key, value in before.items():
                 if now.get(key, _MISSING) is not value:
                     try:

@@ -39,6 +39,10 @@ def test_torch_not_imported():
 """
 
 
+#: Built-in property and Exercise 4 checks off: these tests are about grading, and run faster without.
+FAST = ("--backprop-examples=0", "--backprop-steps=0", "-p", "no:cacheprovider")
+
+
 def load_results(path: Path) -> dict:
     data = json.loads(path.read_text())
     assert gs.is_valid_results(path)
@@ -169,20 +173,20 @@ def test_verdicts_json_and_gradescope_render_the_same_verdicts(pytester):
     result = pytester.runpytest_subprocess(
         "--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}", f"--backprop-json={report}",
         "--backprop-points=ex1=0.5 ex1::bnbias=2", "--backprop-hidden=ex1::C", "--continue-on-collection-errors",
-        "-p", "no:cacheprovider")
+        *FAST)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     data, checks = load_results(out), json.loads(report.read_text())["checks"]
     checks = [c for c in checks if c["exercise"] == "ex1"]  # (other built-in checks may follow)
-    builtin = [t for t in data["tests"] if t["name"].startswith("ex1: ")]
+    builtin = [t for t in data["tests"] if t["name"].startswith("ex1::")]
     assert len(builtin) == 26
-    assert [t["name"] for t in builtin] == [f"ex1: d{c['tensor']}" for c in checks]  # same order as the table
+    assert [t["name"] for t in builtin] == [f"ex1::{c['tensor']}" for c in checks]  # same order as the table
     for test, check in zip(builtin, checks):
         assert test["output"] == render_verdict(Verdict.from_json(check))
         assert (test["status"] == "passed") == (check["status"] == "pass")
     tests = by_name(data)
-    assert tests["ex1: dbnbias"]["status"] == "failed" and tests["ex1: dbnbias"]["max_score"] == 2
-    assert "[keepdim]" in tests["ex1: dbnbias"]["output"]
-    assert tests["ex1: dC"]["visibility"] == "hidden" and tests["ex1: dC"]["max_score"] == 0.5
+    assert tests["ex1::bnbias"]["status"] == "failed" and tests["ex1::bnbias"]["max_score"] == 2
+    assert "[keepdim]" in tests["ex1::bnbias"]["output"]
+    assert tests["ex1::C"]["visibility"] == "hidden" and tests["ex1::C"]["max_score"] == 0.5
     assert sum(t["score"] for t in builtin) == 25 * 0.5
     assert [tests[f"test_hw.py::{name}"]["score"] for name in (
         "test_worth_three", "test_hidden_and_failing", "test_half_after_due_date", "test_default_one_point_skipped",
@@ -198,7 +202,7 @@ def test_unrunnable_submission_still_yields_a_valid_file(pytester, kind):
     impl = pytester.path / "nothing_here.py" if kind == "missing" else write_script(pytester, sources[kind])
     out = pytester.path / "results.json"
     pytester.runpytest_subprocess("--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}",
-                                  "--backprop-hidden=*", "-p", "no:cacheprovider")
+                                  "--backprop-hidden=*", *FAST)
     data = load_results(out)
     errors = [t for t in data["tests"] if t["status"] == "failed" and t["visibility"] == "visible"]
     assert errors, "why it failed must be visible, even with every check hidden"
@@ -214,6 +218,14 @@ def test_usage_error_still_yields_a_valid_file(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     test = load_results(out)["tests"][0]
     assert test["status"] == "failed" and test["visibility"] == "visible" and "--backprop-impl" in test["output"]
+
+
+def test_missing_test_path_still_yields_a_valid_file(pytester):
+    out = pytester.path / "results.json"
+    result = pytester.runpytest(f"--backprop-gradescope={out}", "no_such_tests_dir")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    test = load_results(out)["tests"][0]
+    assert test["name"] == "The grader is misconfigured" and "usage error" in test["output"]
 
 
 def test_bad_points_setting_still_yields_a_valid_file(pytester):

@@ -173,3 +173,19 @@ def test_endless_loop_end_to_end_session_goes_on(pytester):
     result.stdout.fnmatch_lines(["*dprobs*timeout*still running after 1 s*"])
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] == 1 and outcomes["failed"] == 2  # test_mine; dlogprobs wrong, dprobs timed out
+
+
+def test_script_cmp_calls_check_renamed_gradients_and_win(problem, tmp_path):
+    source = """
+    dL_dlogprobs = torch.zeros_like(logprobs)
+    dL_dlogprobs[range(n), Yb] = -1.0/n
+    dlogprobs = torch.ones_like(logprobs)       # a stale experiment under the lecture's name
+    cmp('logprobs', dL_dlogprobs, logprobs)
+    grad_p = (1.0 / probs) * dL_dlogprobs
+    cmp('my probs', grad_p, probs)              # the tensor is recognised by identity, not by the label
+    """
+    run, verdicts = run_script(tmp_path, source, problem)
+    assert verdicts["logprobs"].status == "pass" and verdicts["probs"].status == "pass"
+    run, verdicts = run_script(tmp_path, source.replace("    cmp('logprobs', dL_dlogprobs, logprobs)\n", ""),
+                               problem, name="no_cmp.py")
+    assert verdicts["logprobs"].status == "fail"

@@ -105,6 +105,8 @@ MISTAKES = [
     pytest.param("dbnvar = (-0.5", "dbnvar = (0.5", "bnvar", "sign", "minus sign", id="bnvar-sign"),
     pytest.param("dhpreact = (1.0 - h**2) * dh", "dhpreact = (1.0 - h) * dh", "hpreact", "mismatch", "differ",
                  id="tanh-derivative-wrong"),
+    pytest.param("dprobs = (1.0 / probs)", "dprobs = (1.0 / (probs - probs))", "probs", "nonfinite", "division by zero",
+                 id="division-by-zero"),
 ]
 
 

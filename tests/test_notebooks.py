@@ -178,3 +178,28 @@ def test_notebook_end_to_end(pytester):
     report = json.loads((pytester.path / "report.json").read_text())
     ex2 = [c for c in report["checks"] if c["exercise"] == "ex2"]
     assert [(c["tensor"], c["status"]) for c in ex2] == [("logits", "fail")]
+
+
+def test_script_with_cell_markers_gets_exercises_2_and_3(tmp_path, problem):
+    parts = [nbdata.EX1, nbdata.CMP_CALLS, nbdata.EX2.replace("dlogits /= n", "dlogits /= n + 1"), nbdata.EX3,
+             nbdata.TRAIN]
+    source = "# a student's script\nimport torch\n" + "".join(f"# %%\n{p}\n" for p in parts)
+    (tmp_path / "ninja.py").write_text(source)
+    impl = load_implementation(str(tmp_path / "ninja.py"), tmp_path)
+    assert isinstance(impl, NotebookImplementation) and impl.exercises() == ("ex1", "ex2", "ex3")
+    assert all(v.status == "pass" for v in verdicts(impl, problem, "ex1")[1].values())
+    assert verdicts(impl, problem, "ex2")[1]["logits"].status == "fail"
+    assert verdicts(impl, problem, "ex3")[1]["hprebn"].status == "pass"
+    # locations are the script's own lines
+    bad = source.replace("dW2 = h.T @ dlogits", "dW2 = h @ dlogits")
+    (tmp_path / "bad.py").write_text(bad)
+    run, _ = verdicts(load_implementation(str(tmp_path / "bad.py"), tmp_path), problem)
+    lineno = bad.splitlines().index("dW2 = h @ dlogits") + 1
+    assert run.error.location == f"{tmp_path / 'bad.py'}:{lineno}"
+
+
+def test_endless_loop_in_a_cell_is_a_timeout_at_its_cell(tmp_path, problem):
+    ex1 = nbdata.EX1.replace("dh = dlogits @ W2.T", "while True:\n    pass")
+    run, vs = verdicts(load(tmp_path, nbdata.lecture_notebook(ex1=ex1)), problem, timeout=0.5)
+    assert run.error.timeout and run.error.location in (f"cell {EX1}, line 13", f"cell {EX1}, line 14")
+    assert vs["logits"].status == "pass" and vs["h"].diagnosis.code == "timeout"

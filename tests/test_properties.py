@@ -14,7 +14,7 @@ from pytest_backprop.properties import (Search, batchnorm_property, cross_entrop
                                         lecture_message, size_blame, whole_backward)
 from pytest_backprop.perline import line_functions
 from reference_model import backward_lines
-from reference_model.model import Config
+from reference_model.model import GRADIENT_ORDER, Config
 
 from conftest import REPO, solution_with, write_script
 
@@ -69,6 +69,17 @@ def test_without_a_passing_lecture_the_plain_diagnosis_is_kept(tmp_path):
     verdict = whole_backward(load_implementation(str(script), tmp_path), search=search(), lecture_passed=False)
     assert verdict.status == "fail" and verdict.diagnosis.code != "hardcoded_shape"
     assert verdict.diagnosis.message.startswith("fails at n=2")
+
+
+def test_gradients_failing_at_the_lecture_are_not_counted_twice(tmp_path):
+    script = tmp_path / "wrong_w2.py"
+    script.write_text(solution_with("dW2 = h.T @ dlogits", "dW2 = 2 * h.T @ dlogits"))
+    impl = load_implementation(str(script), tmp_path)
+    assert whole_backward(impl, search=search(3)).tensor == "W2"  # on its own, the property finds it
+    verdict = whole_backward(impl, search=search(3), lecture=LECTURE, lecture_failures={"W2"})
+    assert verdict.status == "pass", verdict.diagnosis.message
+    everything = whole_backward(impl, search=search(3), lecture_failures=set(GRADIENT_ORDER))
+    assert everything.status == "skip"
 
 
 def test_size_blame_names_the_size_or_falls_back():

@@ -33,10 +33,20 @@ class Student:
 
 @pytest.fixture(scope="session")
 def student(pytestconfig: pytest.Config) -> Student:
-    """The submission named by ``backprop_impl`` (session-scoped: hypothesis tests may use it)."""
+    """The submission named by ``backprop_impl`` (session-scoped: hypothesis tests may use it).
+
+    With ``--backprop`` on, it is the very implementation the built-in checks run (so
+    ``--backprop-isolate`` applies to these tests too); otherwise it is loaded here.
+    """
     from pytest_backprop import options
     from pytest_backprop.loaders import LoadError, load_implementation
+    from pytest_backprop.state import get_state
 
+    kit = get_state(pytestconfig)
+    if kit is not None:
+        if kit.implementation is None:
+            pytest.fail(f"the submission could not be loaded: {kit.load_error}", pytrace=False)
+        return Student(kit.implementation, kit.settings.timeout)
     spec = options.get(pytestconfig, "impl")
     if not spec:
         pytest.fail("no submission: set backprop_impl in pyproject.toml or pass --backprop-impl", pytrace=False)
