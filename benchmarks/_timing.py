@@ -23,8 +23,9 @@ def interleaved(variants: Mapping[str, Callable[[], object]], *, rounds: int, nu
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    for r in range(rounds):
+        order = list(variants.items())
+        for name, fn in (order if r % 2 == 0 else order[::-1]):  # alternate: no order bias
             start = time.perf_counter()
             for _ in range(number):
                 fn()

@@ -64,8 +64,9 @@ def compare(label: str, variants: dict[str, list[str]], cwd: Path, env: dict[str
         timed(cmd, cwd, env)
     walls: dict[str, list[float]] = {k: [] for k in variants}
     cpus: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, cmd in variants.items():
+    for r in range(rounds):
+        order = list(variants.items())
+        for name, cmd in (order if r % 2 == 0 else order[::-1]):  # alternate: no order bias
             w, c = timed(cmd, cwd, env)
             walls[name].append(w)
             cpus[name].append(c)

@@ -19,6 +19,7 @@ EXERCISE_TENSORS: dict[str, tuple[str, ...]] = {
     "ex2": ("logits",),
     "ex3": ("hprebn",),
     "lines": tuple(line.output for line in reversed(LINES)),  # per-line checks, backward order
+    "ex4": ("sgd",),  # one whole check (pytest_backprop.exercise4); listed here for the report's order
 }
 EXERCISE_TITLES = {
     "ex1": "Exercise 1: backprop through every line",

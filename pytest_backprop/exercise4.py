@@ -243,13 +243,16 @@ class SgdItem(pytest.Item):
     """``backprop::ex4::sgd``: the Exercise 4 check as one test item."""
 
     def runtest(self) -> None:
-        from .items import VERDICT_PROPERTY, BackpropFailure
+        from .items import VERDICT_PROPERTY, WARNINGS_PROPERTY, BackpropFailure
         from .state import get_state
 
         kit = get_state(self.config)
         assert kit is not None
         result = kit_sgd_result(kit)
         self.user_properties.append((VERDICT_PROPERTY, result.verdict.to_json()))
+        warnings = [w.__dict__ for w in kit.run_warnings.get(EXERCISE, [])]
+        if warnings:
+            self.user_properties.append((WARNINGS_PROPERTY, warnings))
         verdict = result.verdict
         if verdict.status == SKIP:
             pytest.skip(f"ex4: {verdict.diagnosis.message}")

@@ -38,9 +38,8 @@ from typing import Any, Iterable, Sequence
 import pytest
 
 from . import options
+from .markers import HIDDEN_MARKER, MARKERS, POINTS_MARKER, add_marker_lines  # noqa: F401 -- defined once, cheap to import
 
-POINTS_MARKER = "backprop_points"
-HIDDEN_MARKER = "backprop_hidden"
 POINTS_PROPERTY = "backprop_points"
 VISIBILITY_PROPERTY = "backprop_visibility"
 MARKER_ERROR_PROPERTY = "backprop_marker_error"
@@ -48,12 +47,6 @@ VISIBILITIES = ("hidden", "after_due_date", "after_published", "visible")
 DEFAULT_POINTS = 1.0
 MAX_OUTPUT = 8000  # characters of one test's output; Gradescope shows long outputs poorly
 BUILTIN_PREFIX = "backprop::"
-
-MARKERS = (
-    f"{POINTS_MARKER}(points): points this test is worth in --backprop-gradescope results (default 1)",
-    f"{HIDDEN_MARKER}(visibility='hidden'): hide this test from students in --backprop-gradescope results "
-    "(visibility: hidden, after_due_date or after_published)",
-)
 
 
 def register_markers(config: pytest.Config) -> None:
@@ -65,8 +58,7 @@ def register_markers(config: pytest.Config) -> None:
         def pytest_configure(config):
             register_markers(config)   # what the plugin does
     """
-    for line in MARKERS:
-        config.addinivalue_line("markers", line)
+    add_marker_lines(config)
 
 
 # --- the points and visibility settings -------------------------------------------------------
@@ -470,7 +462,10 @@ class GradescopeReporter:
             verdict = verdicts.get(o.verdict_key) if o.verdict_key else None
             if verdict is not None:
                 passed = verdict.status == "pass" and o.passed
-                text = render_verdict(verdict)
+                # a failing item's own report (for a gradient: exactly render_verdict; for a property,
+                # its smallest case and seed too); otherwise the verdict's one-line rendering
+                failed = verdict.status in ("fail", "error") and o.texts
+                text = "\n\n".join(t for t in o.texts if t) if failed else render_verdict(verdict)
                 if verdict.status == "error":  # the student's code did not run: always say why
                     visibility = "visible"
                 name = check_key(o.nodeid)  # the key backprop_points/backprop_hidden match

@@ -43,7 +43,7 @@ from .checks import verdicts_for_run
 from .compare import compare
 from .problem import Problem, problem_from_batch
 from .report import first_wrong
-from .strategies import (LECTURE_PATTERN, Case, describe_pattern, elements, makemore_cases, makemore_configs,
+from .strategies import (LECTURE_PATTERN, Case, describe_pattern, elements, makemore_cases,
                          param_patterns, tensors)
 from .tolerance import Reference, Tolerance, attach, derive
 from .verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
@@ -54,7 +54,7 @@ DTYPE = torch.float64
 FLOAT64_SLACK = 1024
 EPS64 = torch.finfo(torch.float64).eps
 #: Default number of generated examples per property (``--backprop-examples``).
-DEFAULT_EXAMPLES = 5
+DEFAULT_EXAMPLES = 6
 #: Parameter regimes the whole-backward property draws from (shrinks towards the first).
 PARAM_REGIMES = ("lecture", "small", "saturated", "large_logits")
 #: Lines whose inputs include a parameter with a broadcasting pattern (the broadcast tier's per-line items).
@@ -644,7 +644,8 @@ def cross_entropy_property(implementation: Any, *, search: Search | None = None,
             message += f"; it passes when the logits are small, so look at what large logits (|x| up to {big:.4g}) do"
     elif lecture_passed:
         code = "hardcoded_shape"
-        message = f"passes at the lecture's sizes, fails at n={n}, vocab_size={vocab}: is 32 or 27 written into your code? ({inner.diagnosis.message})"
+        message = (f"passes at the lecture's sizes, fails at n={n}, vocab_size={vocab}: is 32 or 27 written into "
+                   f"your code? ({inner.diagnosis.message})")
     return _failed("prop-ex2", inner, lc, message, code, search, notes)
 
 

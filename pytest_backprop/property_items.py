@@ -87,6 +87,9 @@ class PropertyItem(pytest.Item):
         kit, impl, search = self.kit, self.kit.implementation, self.search()
         lecture = kit.problem.config
         label = ("bcast-" if self.broadcast else "prop-") + ("lines" if self.kind == "line" else self.kind)
+        if kit.option("isolate"):
+            return P.skipped(label, self.output or "all", "property checks run your code dozens of times; with "
+                             "--backprop-isolate every run is a new process, so they are skipped")
         if self.kind == "line":
             fn = line_functions_of(impl).get(self.output)
             if fn is None:
@@ -112,12 +115,29 @@ class PropertyItem(pytest.Item):
         from .properties import single_thread
 
         with single_thread():
-            verdict = self.verdict()
+            try:
+                verdict = self.verdict()
+            except Exception as exc:  # noqa: BLE001 -- a verdict, never a crash (flaky user code, a kit bug)
+                verdict = self.error_verdict(exc)
         self.user_properties.append((VERDICT_PROPERTY, verdict.to_json()))
         if verdict.status == "skip":
             pytest.skip(verdict.diagnosis.message)
         if verdict.status in ("fail", "error"):
             raise BackpropFailure(render_property(verdict))
+
+    def error_verdict(self, exc: BaseException) -> Any:
+        """The verdict when the search itself could not finish (e.g. hypothesis saw flaky results)."""
+        from hypothesis.errors import Flaky
+
+        from .verdict import Diagnosis, Verdict
+
+        label = ("bcast-" if self.broadcast else "prop-") + ("lines" if self.kind == "line" else self.kind)
+        if isinstance(exc, Flaky):
+            code, message = "flaky", ("the same generated case failed once and passed when run again: does your "
+                                      f"code use random numbers or keep state between runs? ({type(exc).__name__})")
+        else:
+            code, message = "exception", f"the property check could not run: {type(exc).__name__}: {exc}"
+        return Verdict(label, self.output or "all", "error", None, None, None, (), None, Diagnosis(code, message))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, BackpropFailure):

@@ -39,7 +39,7 @@ def render_table(verdicts: Iterable[Verdict]) -> list[str]:
         lines.append(f"{v.exercise:8s} {v.tensor:15s} | {_fmt_bool(v.exact):5s} | {_fmt_bool(v.approximate):11s} | "
                      f"{_fmt_float(v.maxdiff):8s} | {_SYMBOL[v.status]}{hint}")
     counts = {s: sum(v.status == s for v in rows) for s in _SYMBOL}
-    lines.append(f"{len(rows)} gradients: {counts['pass']} pass, {counts['fail']} fail, "
+    lines.append(f"{len(rows)} checks: {counts['pass']} pass, {counts['fail']} fail, "
                  f"{counts['error']} error, {counts['skip']} not attempted")
     return lines
 

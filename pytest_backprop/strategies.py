@@ -206,7 +206,8 @@ def _scale_to_regime(params: dict[str, torch.Tensor], regime: str) -> dict[str, 
 
 
 @functools.lru_cache(maxsize=512)  # strategies are immutable: reuse them (hypothesis caches per object)
-def makemore_params(config: Config, *, regime: str = "lecture", dtype: torch.dtype = torch.float64) -> st.SearchStrategy[dict[str, torch.Tensor]]:
+def makemore_params(config: Config, *, regime: str = "lecture",
+                    dtype: torch.dtype = torch.float64) -> st.SearchStrategy[dict[str, torch.Tensor]]:
     """Parameters for ``config``: the lecture's initialisation from a drawn seed, scaled to a regime.
 
     Values come from a seeded torch generator (the seed is what hypothesis draws), so they are never

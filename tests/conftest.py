@@ -39,6 +39,15 @@ def shared_names() -> Path:
     return SHARED_NAMES
 
 
+#: Only the per-gradient items: no hypothesis properties, no Exercise-4 training check.
+GRADIENTS_ONLY = ("--backprop", "--backprop-examples=0", "--backprop-steps=0")
+
+
+def run_kit(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """``pytest --backprop`` in a subprocess, restricted to the per-gradient items."""
+    return pytester.runpytest_subprocess(*GRADIENTS_ONLY, *args)
+
+
 def write_script(pytester: pytest.Pytester, source: str, name: str = "student.py") -> Path:
     """Write a user implementation into the pytester directory and return its path."""
     path = pytester.path / name

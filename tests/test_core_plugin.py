@@ -4,29 +4,29 @@ from __future__ import annotations
 
 import json
 
-from conftest import solution_with, write_script
+from conftest import run_kit, solution_with, write_script
 
 IMPL = "--backprop-impl={}"
 
 
 def test_reference_module_passes_all_checks(pytester):
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=reference_model.backward", "-q")
+    result = run_kit(pytester, "--backprop-impl=reference_model.backward", "-q")
     # 26 atomic gradients + the Exercise 2 and 3 functions of the same module
     result.assert_outcomes(passed=28)
-    result.stdout.fnmatch_lines(["*ex2*logits*ok*", "*ex3*hprebn*ok*", "*28 gradients: 28 pass*"])
+    result.stdout.fnmatch_lines(["*ex2*logits*ok*", "*ex3*hprebn*ok*", "*28 checks: 28 pass*"])
 
 
 def test_a_wrong_answer_fails_at_its_tensor(pytester):
     script = write_script(pytester, solution_with("dbngain = (bnraw * dhpreact).sum(0, keepdim=True)",
                                                   "dbngain = (bnraw * dhpreact).sum(0, keepdim=True) * 1.5"))
-    result = pytester.runpytest_subprocess("--backprop", IMPL.format(script), "-q", "-rf")
+    result = run_kit(pytester, IMPL.format(script), "-q", "-rf")
     result.assert_outcomes(passed=25, failed=1)
     result.stdout.fnmatch_lines(["FAILED backprop::ex1::bngain*"])
 
 
 def test_unwritten_gradients_are_skipped_not_failed(pytester):
     script = write_script(pytester, "dlogprobs = torch.zeros_like(logprobs)\ndlogprobs[range(n), Yb] = -1.0 / n\n")
-    result = pytester.runpytest_subprocess("--backprop", IMPL.format(script), "-v")
+    result = run_kit(pytester, IMPL.format(script), "-v")
     result.assert_outcomes(passed=1, skipped=25)
     result.stdout.fnmatch_lines(["*::probs SKIPPED (dprobs: not attempted: no dprobs yet)*",
                                  "*1 pass, 0 fail, 0 error, 25 not attempted*"])
@@ -34,19 +34,19 @@ def test_unwritten_gradients_are_skipped_not_failed(pytester):
 
 
 def test_backprop_without_implementation_is_a_usage_error(pytester):
-    result = pytester.runpytest_subprocess("--backprop")
+    result = run_kit(pytester)
     assert result.ret == 4  # pytest's usage error
     result.stderr.fnmatch_lines(["*--backprop-impl=*", "*backprop_impl*"])
 
 
 def test_implementation_from_the_ini_file_and_k_selection(pytester, ex1_solution):
     pytester.makeini(f"[pytest]\nbackprop_impl = {ex1_solution}\n")
-    result = pytester.runpytest_subprocess("--backprop", "-q", "-k", "counts_sum_inv or b1")
+    result = run_kit(pytester, "-q", "-k", "counts_sum_inv or b1")
     result.assert_outcomes(passed=2, deselected=24)
 
 
 def test_header_names_dataset_seed_dtype_rule_and_implementation(pytester, ex1_solution):
-    result = pytester.runpytest_subprocess("--backprop", IMPL.format(ex1_solution), "--backprop-dtype=float64",
+    result = run_kit(pytester, IMPL.format(ex1_solution), "--backprop-dtype=float64",
                                            "--backprop-seed=7", "--co")
     result.stdout.fnmatch_lines([
         "backprop: dataset embedded*(5163 words), seed 7, dtype float64",
@@ -58,7 +58,7 @@ def test_header_names_dataset_seed_dtype_rule_and_implementation(pytester, ex1_s
 def test_json_report_follows_the_contract(pytester):
     script = write_script(pytester, solution_with("dprobs = (1.0 / probs) * dlogprobs", "dprobs = probs"))
     out = pytester.path / "report.json"
-    pytester.runpytest_subprocess("--backprop", IMPL.format(script), f"--backprop-json={out}", "-q")
+    run_kit(pytester, IMPL.format(script), f"--backprop-json={out}", "-q")
     data = json.loads(out.read_text())
     assert data["implementation"] == str(script)
     assert data["dataset"]["words"] == 5163 and data["dataset"]["source"].startswith("embedded")
@@ -77,7 +77,7 @@ def test_a_crash_is_an_error_with_location_and_earlier_gradients_still_checked(p
     source = solution_with("dcounts = counts_sum_inv * dprobs", "raise ValueError('oops')")
     script = write_script(pytester, source)
     line = source.splitlines().index("raise ValueError('oops')") + 1
-    result = pytester.runpytest_subprocess("--backprop", IMPL.format(script), "-q")
+    result = run_kit(pytester, IMPL.format(script), "-q")
     # logprobs, probs, counts_sum_inv computed before the crash; counts_sum is where it stopped
     result.assert_outcomes(passed=3, failed=1, skipped=22)
     result.stdout.fnmatch_lines([f"*ValueError: oops at *student.py:{line}*", "*raise ValueError('oops')*",
@@ -127,10 +127,10 @@ def test_fixtures_work_without_backprop_and_can_be_overridden(pytester):
 def test_float64_run_and_names_file_from_the_rootdir(pytester, ex1_solution):
     words = ["emma", "olivia", "ava", "isabella", "sophia", "charlotte", "mia", "amelia", "harper", "evelyn"] * 10
     (pytester.path / "names.txt").write_text("\n".join(words) + "\n")
-    result = pytester.runpytest_subprocess("--backprop", IMPL.format(ex1_solution), "--backprop-dtype=float64", "-q")
+    result = run_kit(pytester, IMPL.format(ex1_solution), "--backprop-dtype=float64", "-q")
     result.assert_outcomes(passed=26)
-    result.stdout.fnmatch_lines(["*26 gradients: 26 pass*"])
-    header = pytester.runpytest_subprocess("--backprop", IMPL.format(ex1_solution), "--co")
+    result.stdout.fnmatch_lines(["*26 checks: 26 pass*"])
+    header = run_kit(pytester, IMPL.format(ex1_solution), "--co")
     header.stdout.fnmatch_lines(["backprop: dataset *names.txt (100 words)*", "collected 26 items"])
 
 
