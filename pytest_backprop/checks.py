@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from reference_model.model import GRADIENT_ORDER, LINE_OF, LINES
+from reference_model.model import GRADIENT_ORDER, consumers, LINES
 
 from .compare import compare
 from .diagnose import diagnose
@@ -31,9 +31,10 @@ EXERCISE_TITLES = {
 
 
 def forward_line(tensor: str) -> str | None:
-    """The forward line that produced ``tensor`` (None for a parameter)."""
-    line = LINE_OF.get(tensor)
-    return line.source if line else None
+    """The forward line(s) to look at for ``d<tensor>``: those that read ``tensor``, since backprop
+    through them is what produces its gradient (two for a tensor used twice, joined by ``; ``)."""
+    sources = [line.source for line in consumers(tensor)]
+    return "; ".join(sources) or None
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:

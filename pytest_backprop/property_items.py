@@ -31,7 +31,7 @@ def render_property(verdict: Any) -> str:
     if details.get("case"):
         lines.append(f"    smallest failing case: {details['case']}")
     if verdict.line:
-        lines.append(f"    forward line: {verdict.line}")
+        lines.append(f"    backprop through: {verdict.line}")
     if details.get("reproduce"):
         lines.append(f"    {details['reproduce']}")
     if details.get("hypothesis"):

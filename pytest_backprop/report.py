@@ -8,6 +8,8 @@ from typing import Any, Iterable
 
 from .verdict import Diagnosis, Verdict
 
+#: Exercises whose rows are single gradients (not training runs or property searches).
+GRADIENT_EXERCISES = ("ex1", "ex2", "ex3", "lines")
 _SYMBOL = {"pass": "ok", "fail": "FAIL", "skip": "skip", "error": "ERROR"}
 
 
@@ -25,7 +27,7 @@ def render_verdict(v: Verdict) -> str:
     if v.maxdiff is not None:
         lines.append(f"    exact: {v.exact} | approximate: {v.approximate} | maxdiff: {v.maxdiff:.3g} | atol: {v.atol:.2g}")
     if v.line:
-        lines.append(f"    forward line: {v.line}")
+        lines.append(f"    backprop through: {v.line}")
     return "\n".join(lines)
 
 
@@ -61,6 +63,10 @@ def render_summary(verdicts: list[Verdict], warnings: Iterable[Diagnosis]) -> li
         if wrong.line:
             lines.append(f"    look at: {wrong.line}")
         lines.append(f"    {wrong.diagnosis.message}")
+        others = [v for v in verdicts if v is not wrong and v.status in ("fail", "error")
+                  and v.diagnosis.code != "inherited" and v.exercise in GRADIENT_EXERCISES]
+        for other in others:
+            lines.append(f"also wrong on its own: d{other.tensor} ({other.exercise}) [{other.diagnosis.code}]")
     lines += [f"warning [{w.code}]: {w.message}" for w in warnings]
     return lines
 

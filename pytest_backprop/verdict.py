@@ -39,7 +39,7 @@ class Verdict:
     mismatched: int | None = None
     numel: int | None = None
     worst_index: tuple[int, ...] | None = None
-    line: str | None = None  # the forward line that produced the tensor, quoted from the table
+    line: str | None = None  # the forward line(s) reading the tensor, whose backward gives its gradient
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
