@@ -256,7 +256,7 @@ def test_hint_in_terminal_item_and_json(pytester):
         "*dbndiff2 [[]scale[]]: dbndiff2 is (n-1)/n × the true gradient: "
         "1/n where Bessel's correction needs 1/(n-1)?*",
         "*first wrong gradient: dbndiff2 (ex1) [[]scale[]]*",
-        "*look at: bndiff2 = bndiff**2*",
+        "*look at: bnvar = 1/(n-1)*(bndiff2).sum(0, keepdim=True)*",
     ])
     assert "first wrong gradient: dbndiff " not in result.stdout.str()
     data = json.loads((pytester.path / "out.json").read_text())
