@@ -71,14 +71,26 @@ class Problem:
 
 def problem_from_batch(config: Config, params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, *,
                        dtype: torch.dtype = torch.float32, words: Words | None = None) -> Problem:
-    """Compute the truths and tolerances for given parameters and batch."""
+    """Compute the truths and tolerances for given parameters and batch, at any sizes.
+
+    In float64 each tolerance is widened to the float64 noise floor (:mod:`pytest_backprop.noise`),
+    so that a correct float64 answer never fails where the true gradient is a cancellation.
+    """
     truth32 = autograd_truth(params, Xb, Yb, dtype=torch.float32) if dtype != torch.float32 else None
     truth = autograd_truth(params, Xb, Yb, dtype=dtype)
     truth64 = autograd_truth(params, Xb, Yb, dtype=torch.float64) if dtype != torch.float64 else truth
     reference32 = truth32 or truth
+    floor = None
+    if dtype == torch.float64:
+        from .noise import FLOAT64_SLACK, noise_floor
+
+        floor = noise_floor(truth64.values, truth64.grads)
     tolerances: dict[str, Tolerance] = {}
     for name in GRADIENT_ORDER:
         tol = derive(reference32.grads[name], truth64.grads[name], dtype)
+        if floor is not None:
+            tol = Tolerance(atol=max(tol.atol * FLOAT64_SLACK, floor[name]), rtol=tol.rtol,
+                            origin=f"rule x{FLOAT64_SLACK} or float64 noise floor")
         tolerances[name] = tol
         attach(truth.grads[name], Reference(truth64.grads[name], tol))
         value = truth.values[name]

@@ -133,3 +133,24 @@ def test_assert_grad_matches_hides_its_own_frame():
     import pytest_backprop.compare as module
 
     assert "__tracebackhide__" in module.assert_grad_matches.__code__.co_varnames
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_float64_problems_at_tiny_sizes_never_fail_a_correct_answer(seed):
+    from pytest_backprop.problem import problem_from_batch
+    from reference_model.model import Config, params_only
+
+    config = Config(vocab_size=5, n_embd=2, n_hidden=3, block_size=2, batch_size=2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    Xb = torch.randint(0, 5, (2, 2), generator=g)
+    Yb = torch.randint(0, 5, (2,), generator=g)
+    problem = problem_from_batch(config, params_only(config), Xb, Yb, dtype=torch.float64)
+    answers = ref.backward(problem.cache())
+    for name, truth in problem.grads.items():
+        assert compare(answers[name], truth).approximate, name
+    # a different, equally correct derivation of db1 (the Exercise 3 form): float64 noise, not a mistake
+    c = problem.cache()
+    db1 = ref.batchnorm_backward(problem.grads["hpreact"], c["bngain"], c["bnvar_inv"], c["bnraw"]).sum(0)
+    assert compare(db1, problem.grads["b1"]).approximate
+    # ... and still catches a real mistake there
+    assert not compare(answers["bndiff2"] * (config.batch_size - 1) / config.batch_size, problem.grads["bndiff2"]).approximate
