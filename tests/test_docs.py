@@ -131,6 +131,9 @@ def test_options_table_is_generated_and_every_flag_in_the_docs_exists():
             continue
         for flag in set(re.findall(r"--backprop(?:-[a-z]+)*", path.read_text())):
             assert flag in known, f"{path.name} mentions {flag}, which is not an option"
+    readme = (REPO / "README.md").read_text()
+    missing = [o.flag for o in OPTIONS if f"`{o.flag}" not in readme or f"`{o.ini}`" not in readme]
+    assert not missing, f"README.md's options table lacks {missing}"
 
 
 def test_every_fixture_has_a_documented_example():
