@@ -75,11 +75,13 @@ def verdicts_for_run(exercise: str, run: RunResult, problem: Problem) -> list[Ve
     """
     verdicts: list[Verdict] = []
     error_reported = False
+    # `dprobs = None` (a template's placeholder) is not an answer yet, unless a hint explains it
+    answered = {k for k, v in run.grads.items() if v is not None or k in run.overrides}
     for tensor in EXERCISE_TENSORS[exercise]:
-        if tensor in run.grads and tensor in run.overrides:  # e.g. reads_autograd: fails whatever its value
+        if tensor in answered and tensor in run.overrides:  # e.g. reads_autograd: fails whatever its value
             verdicts.append(replace(verdict_for(exercise, tensor, run.grads[tensor], problem), status=FAIL,
                                     approximate=False, diagnosis=run.overrides[tensor]))
-        elif tensor in run.grads:
+        elif tensor in answered:
             verdicts.append(verdict_for(exercise, tensor, run.grads[tensor], problem))
         elif run.error is not None and not error_reported:
             error_reported = True
@@ -89,8 +91,8 @@ def verdicts_for_run(exercise: str, run: RunResult, problem: Problem) -> list[Ve
             verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis(
                 "missing", f"not reached: your code stopped at {run.error.location} before computing d{tensor}")))
         else:
-            verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis(
-                "missing", f"not attempted: no d{tensor} yet")))
+            what = f"d{tensor} is None" if tensor in run.grads else f"no d{tensor} yet"
+            verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis("missing", f"not attempted: {what}")))
     if exercise == "ex1":  # blame across the line graph: inherited, missing_branch, aliased
         from .blame import assign_blame  # noqa: PLC0415
 

@@ -45,10 +45,22 @@ def describe_type(value: Any) -> str:
     if value is None:
         return "None"
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
     shape = getattr(value, "shape", None)
-    kind = type(value).__module__.split(".")[0] + "." + type(value).__qualname__
-    return f"a {kind}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+    module = type(value).__module__.split(".")[0]
+    kind = type(value).__qualname__ if module == "builtins" else f"{module}.{type(value).__qualname__}"
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    return f"{article} {kind}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
+def _conversion_hint(value: Any) -> str:
+    """How to turn what the user returned into a tensor, when there is an obvious way."""
+    if type(value).__module__.split(".")[0] == "numpy":
+        return " (convert with torch.from_numpy(...), or compute it with torch ops)"
+    if isinstance(value, (list, tuple, int, float)):
+        return " (build it with torch ops on the forward tensors, e.g. torch.zeros_like(...))"
+    return ""
 
 
 def _truth_and_tolerance(expected: torch.Tensor, rtol: float | None, atol: float | None) -> tuple[torch.Tensor, Tolerance]:
@@ -122,7 +134,8 @@ def describe_failure(name: str, cmp_: Comparison) -> str:
     """The reason a comparison failed, for a human: types, shapes, or how far off the values are."""
     expected = cmp_.expected
     if cmp_.problem == "type":
-        return f"d{name} is {describe_type(cmp_.actual)}; expected a tensor of shape {tuple(expected.shape)}"
+        return (f"d{name} is {describe_type(cmp_.actual)}; expected a tensor of shape {tuple(expected.shape)}"
+                + _conversion_hint(cmp_.actual))
     if cmp_.problem == "dtype":
         return (f"d{name} is {describe_type(cmp_.actual)}; expected a {str(expected.dtype).replace('torch.', '')} "
                 f"tensor like {name} (convert with .to({expected.dtype}) or compute it from {name}'s values)")
@@ -138,6 +151,23 @@ def describe_failure(name: str, cmp_: Comparison) -> str:
         at = f"; worst at index {list(worst)}: got {a:.6g}, expected {t:.6g}"
     return (f"d{name}: {cmp_.mismatched} of {cmp_.numel} elements ({pct:.1f}%) differ beyond atol={cmp_.tolerance.atol:.2g}"
             f" ({cmp_.tolerance.origin}); maxdiff {cmp_.maxdiff:.3g}{at}")
+
+
+def _truth_of(t: Any) -> Any:
+    """``t.grad`` when ``t`` is a forward tensor holding its gradient, else ``t`` itself (the truth).
+
+    A tensor that requires grad but has no ``.grad`` is a forward tensor whose gradient was never
+    computed: using its values as the truth would be silently wrong, so that is an error.
+    """
+    if not isinstance(t, torch.Tensor):
+        return t
+    readable = t.is_leaf or t.retains_grad  # .grad of any other tensor is never populated (and warns)
+    if readable and t.grad is not None:
+        return t.grad
+    if t.requires_grad:
+        raise ValueError("the tensor to compare with has no .grad: call .retain_grad() on it before "
+                         "loss.backward() (or pass the true gradient itself)")
+    return t
 
 
 def assert_grad_matches(actual: Any, expected: torch.Tensor, *, name: str | None = None, exact: bool = False,
@@ -157,7 +187,7 @@ def assert_grad_matches(actual: Any, expected: torch.Tensor, *, name: str | None
             assert_grad_matches(dcounts_sum_inv, f.grads["counts_sum_inv"], name="counts_sum_inv")
     """
     __tracebackhide__ = True
-    truth = expected.grad if isinstance(expected, torch.Tensor) and expected.grad is not None else expected
+    truth = _truth_of(expected)
     if not isinstance(truth, torch.Tensor):
         raise TypeError(f"expected must be a tensor (or a tensor with .grad), got {describe_type(expected)}")
     label = name or "tensor"
@@ -184,7 +214,7 @@ def cmp(s: str, dt: Any, t: torch.Tensor) -> bool:
         cmp('logprobs', dlogprobs, logprobs)
         # logprobs        | exact: True  | approximate: True  | maxdiff: 0.0 | ok
     """
-    truth = t.grad if t.grad is not None else t
+    truth = _truth_of(t)
     result = compare(dt, truth)
     if result.problem is not None:
         print(f"{s:15s} | exact: False | approximate: False | maxdiff: n/a | FAIL: {describe_failure(s, result)}")

@@ -233,15 +233,26 @@ def _unreduced(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float
                                   f"{how}{where}, so its gradient sums over the copies")
 
 
+def _size1_dim(longer: tuple[int, ...], shorter: tuple[int, ...]) -> int:
+    """The index of the size-1 dimension that ``longer`` has and ``shorter`` lacks (0 if ambiguous)."""
+    for i, size in enumerate(longer):
+        if size == 1 and longer[:i] + longer[i + 1:] == shorter:
+            return i
+    return 0
+
+
 def _keepdim(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float) -> Diagnosis | None:
     a_shape, e_shape = tuple(actual.shape), tuple(truth.shape)
     if actual.numel() != truth.numel() or [s for s in a_shape if s != 1] != [s for s in e_shape if s != 1]:
         return None
     if not close(actual.reshape(e_shape), truth, atol):
         return None
-    fix = ("keep the size-1 dimension (`.sum(0, keepdim=True)` or `.view" + _fmt(e_shape) + "`)"
-           if len(e_shape) > len(a_shape) else
-           "drop the size-1 dimension (`.sum(0)` without keepdim, or `.view" + _fmt(e_shape) + "`)")
+    if len(e_shape) > len(a_shape):
+        dim = _size1_dim(e_shape, a_shape)
+        fix = f"keep the size-1 dimension (`.sum({dim}, keepdim=True)` or `.view{_fmt(e_shape)}`)"
+    else:
+        dim = _size1_dim(a_shape, e_shape)
+        fix = f"drop the size-1 dimension (`.sum({dim})` without keepdim, or `.view{_fmt(e_shape)}`)"
     return Diagnosis("keepdim", f"d{name} has shape {_fmt(a_shape)} but {name} has shape {_fmt(e_shape)}: the values "
                                 f"are right; {fix}. The lecture's cmp() uses `==`, which broadcasts, so it "
                                 "let this through; a gradient has exactly the shape of its tensor")

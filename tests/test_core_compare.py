@@ -154,3 +154,14 @@ def test_float64_problems_at_tiny_sizes_never_fail_a_correct_answer(seed):
     assert compare(db1, problem.grads["b1"]).approximate
     # ... and still catches a real mistake there
     assert not compare(answers["bndiff2"] * (config.batch_size - 1) / config.batch_size, problem.grads["bndiff2"]).approximate
+
+
+def test_a_forward_tensor_without_grad_is_an_error_not_a_silent_truth():
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2  # retain_grad() forgotten
+    (y ** 2).sum().backward()
+    with pytest.raises(ValueError, match="retain_grad"):
+        assert_grad_matches(torch.zeros(3), y)
+    with pytest.raises(ValueError, match="retain_grad"):
+        cmp("y", torch.zeros(3), y)
+    assert_grad_matches(8 * x.detach(), x)  # a leaf holds its gradient: compared with x.grad
