@@ -208,8 +208,8 @@ def blame_one(tensor: str, verdict: Verdict, by_name: Mapping[str, Verdict], roo
         hint.code, details["inherited_from"]   # ('inherited', 'bndiff2')
     """
     actual = grads.get(tensor)
-    if not _usable(actual, problem.grads[tensor]):  # a wrong type or shape is its own mistake, whatever is upstream
-        return verdict.diagnosis, {}
+    if not isinstance(actual, torch.Tensor) or not actual.dtype.is_floating_point:
+        return verdict.diagnosis, {}  # not a float tensor: its own mistake, whatever is upstream (a wrong shape may be inherited)
     lines = consumers(tensor)
     wrong = [ln for ln in lines if ln.output in by_name and by_name[ln.output].status == FAIL]
     if not wrong:

@@ -93,11 +93,27 @@ def verdicts_for_run(exercise: str, run: RunResult, problem: Problem) -> list[Ve
         else:
             what = f"d{tensor} is None" if tensor in run.grads else f"no d{tensor} yet"
             verdicts.append(unanswered(exercise, tensor, problem, SKIP, Diagnosis("missing", f"not attempted: {what}")))
+    if run.error is not None and not error_reported:
+        verdicts = _attach_late_error(verdicts, run)
     if exercise == "ex1":  # blame across the line graph: inherited, missing_branch, aliased
         from .blame import assign_blame  # noqa: PLC0415
 
         verdicts = assign_blame(verdicts, run.grads, problem)
     return verdicts
+
+
+def _attach_late_error(verdicts: list[Verdict], run: RunResult) -> list[Verdict]:
+    """The code raised (or timed out) after assigning every gradient: the last failing one in backward
+    order is most likely the one it was still computing (a dC loop cut short), so it carries the error;
+    when none fails, the error becomes a warning."""
+    code = run.error.code or ("timeout" if run.error.timeout else "exception")
+    failing = [i for i, v in enumerate(verdicts) if v.status == FAIL]
+    if not failing:
+        run.warnings.append(Diagnosis(code, run.error.describe() + " (after every gradient was assigned)"))
+        return verdicts
+    i = failing[-1]
+    message = f"d{verdicts[i].tensor} was probably left unfinished: {run.error.describe()}"
+    return [*verdicts[:i], replace(verdicts[i], status=ERROR, diagnosis=Diagnosis(code, message)), *verdicts[i + 1:]]
 
 
 def load_failure_verdicts(exercise: str, message: str, problem: Problem) -> list[Verdict]:

@@ -309,6 +309,8 @@ def kit_sgd_result(kit: Any) -> SgdResult:
     problem = kit.problem
     if kit.implementation is None:
         result = SgdResult(_verdict(SKIP, "missing", "not run: the implementation could not be loaded", {}))
+    elif any(v.status == ERROR for v in kit.verdicts("ex1")):  # a crash or endless loop: don't repeat it 50 times
+        result = SgdResult(_verdict(SKIP, "missing", "not run: your code did not finish Exercise 1 (see its error)", {}))
     else:
         from .device import single_thread
 

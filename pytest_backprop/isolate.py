@@ -161,12 +161,10 @@ def static_description(spec: str, rootdir: Path) -> tuple[tuple[str, ...], str] 
     """
     import ast
 
-    from .loaders import EXERCISE_FUNCTIONS, ScriptImplementation
+    from .loaders import EXERCISE_FUNCTIONS, ScriptImplementation, find_file
 
-    path = next((p for p in (Path(spec), rootdir / spec) if p.is_file()), None)
+    path = find_file(spec, rootdir)
     if path is None:
-        if spec.endswith((".py", ".ipynb")) or "/" in spec:
-            raise LoadError(f"--backprop-impl: no such file: {spec} (looked in {Path.cwd()} and {rootdir})")
         return None
     if path.suffix == ".ipynb":
         from .notebook import NotebookImplementation

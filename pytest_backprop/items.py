@@ -78,7 +78,7 @@ class BackpropCollector(pytest.Collector):
 
         if wanted(state):
             children.append(SgdCollector.from_parent(self, name="ex4"))
-        if state.implementation is not None and state.option("examples") > 0:  # hypothesis properties (issue 4)
+        if state.option("examples") > 0:  # hypothesis properties (issue 4)
             from .property_items import PropertyCollector
 
             children.append(PropertyCollector.from_parent(self, name="properties"))

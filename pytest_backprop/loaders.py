@@ -280,6 +280,16 @@ def defines_functions(path: Path) -> bool:
         n.startswith("backward_") for n in names)
 
 
+def find_file(spec: str, rootdir: Path) -> Path | None:
+    """The file ``--backprop-impl`` names (tried in the current directory, then the rootdir); None
+    for a dotted module name. A path-like spec that exists nowhere is a :class:`LoadError`."""
+    folders = list(dict.fromkeys([Path.cwd().resolve(), Path(rootdir).resolve()]))
+    path = next((p for p in (Path(spec), *(f / spec for f in folders)) if p.is_file()), None)
+    if path is None and (spec.endswith((".py", ".ipynb")) or "/" in spec):
+        raise LoadError(f"--backprop-impl: no such file: {spec} (looked in {' and '.join(map(str, folders))})")
+    return path
+
+
 def load_implementation(spec: str, rootdir: Path) -> Implementation:
     """Resolve ``--backprop-impl``: a file path (script, module or notebook) or a dotted module name.
 
@@ -290,11 +300,8 @@ def load_implementation(spec: str, rootdir: Path) -> Implementation:
         impl = load_implementation("ninja.ipynb", Path.cwd())
         impl.exercises()   # ('ex1', 'ex2', 'ex3')
     """
-    candidates = [Path(spec), rootdir / spec]
-    path = next((p for p in candidates if p.is_file()), None)
+    path = find_file(spec, rootdir)
     if path is None:
-        if spec.endswith((".py", ".ipynb")) or "/" in spec:
-            raise LoadError(f"--backprop-impl: no such file: {spec} (looked in {Path.cwd()} and {rootdir})")
         if str(rootdir) not in sys.path:
             sys.path.insert(0, str(rootdir))
         return module_implementation(spec)

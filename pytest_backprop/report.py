@@ -21,10 +21,21 @@ def _fmt_float(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
+#: Codes that say the user's code did not run to the end: the location is in their code, not the forward pass.
+STOPPED = ("exception", "timeout")
+
+
+def label(v: Verdict) -> str:
+    """``dcounts`` for a gradient, ``ex4::sgd`` for other checks."""
+    return f"d{v.tensor}" if v.exercise in GRADIENT_EXERCISES else v.key
+
+
 def render_verdict(v: Verdict) -> str:
     """The failing item's report: what is wrong, where to look, and the hint."""
-    lines = [f"d{v.tensor} [{v.diagnosis.code}]: {v.diagnosis.message}"]
-    if v.maxdiff is not None:
+    if v.diagnosis.code in STOPPED:
+        return f"{label(v)} was not computed [{v.diagnosis.code}]: {v.diagnosis.message}"
+    lines = [f"{label(v)} [{v.diagnosis.code}]: {v.diagnosis.message}"]
+    if v.maxdiff is not None and v.atol is not None:
         lines.append(f"    exact: {v.exact} | approximate: {v.approximate} | maxdiff: {v.maxdiff:.3g} | atol: {v.atol:.2g}")
     if v.line:
         lines.append(f"    backprop through: {v.line}")
@@ -58,15 +69,18 @@ def render_summary(verdicts: list[Verdict], warnings: Iterable[Diagnosis]) -> li
     """The terminal summary: the table, the first wrong gradient with its forward line, warnings."""
     lines = render_table(verdicts)
     wrong = first_wrong(verdicts)
-    if wrong is not None:
-        lines += ["", f"first wrong gradient: d{wrong.tensor} ({wrong.exercise}) [{wrong.diagnosis.code}]"]
+    if wrong is not None and wrong.diagnosis.code in STOPPED:
+        lines += ["", f"your code did not finish ({wrong.exercise}) [{wrong.diagnosis.code}]:",
+                  f"    {wrong.diagnosis.message}"]
+    elif wrong is not None:
+        lines += ["", f"first wrong gradient: {label(wrong)} ({wrong.exercise}) [{wrong.diagnosis.code}]"]
         if wrong.line:
             lines.append(f"    look at: {wrong.line}")
         lines.append(f"    {wrong.diagnosis.message}")
         others = [v for v in verdicts if v is not wrong and v.status in ("fail", "error")
                   and v.diagnosis.code != "inherited" and v.exercise in GRADIENT_EXERCISES]
         for other in others:
-            lines.append(f"also wrong on its own: d{other.tensor} ({other.exercise}) [{other.diagnosis.code}]")
+            lines.append(f"also wrong on its own: {label(other)} ({other.exercise}) [{other.diagnosis.code}]")
     lines += [f"warning [{w.code}]: {w.message}" for w in warnings]
     return lines
 

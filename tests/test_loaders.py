@@ -107,8 +107,13 @@ def test_autograd_use_maps_cmp_calls():
     assert autograd_use("dh = dlogits @ W2.T\n").lines == []
 
 
+def test_none_is_a_placeholder_not_an_answer(problem, tmp_path):
+    run, verdicts = run_script(tmp_path, "dlogprobs = None  # TODO\n", problem)
+    v = verdicts["logprobs"]
+    assert v.status == "skip" and v.diagnosis.message == "not attempted: dlogprobs is None"
+
+
 @pytest.mark.parametrize("answer, words", [
-    ("None", "None"),
     ("[0.0] * 32", "list"),
     ("np.zeros((32, 27), dtype=np.float32)", "numpy.ndarray of shape (32, 27)"),
     ("torch.zeros((32, 27), dtype=torch.long)", "int64 tensor"),

@@ -1,0 +1,81 @@
+"""Edge cases of real student code: placeholders, late crashes, code that cannot load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, solution_with, write_script
+from pytest_backprop.checks import verdicts_for_run
+from pytest_backprop.compare import compare
+from pytest_backprop.diagnose import diagnose
+from pytest_backprop.loaders import ScriptImplementation
+from pytest_backprop.problem import build_problem
+from reference_model.data import load_words
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return build_problem(load_words())
+
+
+def run(tmp_path, source, problem, timeout=None):
+    path = tmp_path / "student.py"
+    path.write_text(source)
+    result = ScriptImplementation(path).run("ex1", problem, timeout)
+    return result, {v.tensor: v for v in verdicts_for_run("ex1", result, problem)}
+
+
+def test_an_endless_loop_after_every_gradient_is_assigned_is_still_an_error(problem, tmp_path):
+    source = solution_with("dC = torch.zeros_like(C)", "dC = torch.zeros_like(C)\nwhile True:\n    pass")
+    result, verdicts = run(tmp_path, source, problem, timeout=1)
+    assert result.error is not None and result.error.timeout
+    assert verdicts["C"].status == "error" and verdicts["C"].diagnosis.code == "timeout"
+    assert "dC was probably left unfinished" in verdicts["C"].diagnosis.message
+    assert all(v.status == "pass" for name, v in verdicts.items() if name != "C")
+
+
+def test_a_crash_after_correct_gradients_becomes_a_warning(problem, tmp_path):
+    source = (EXAMPLES / "ex1_solution.py").read_text() + "\nraise RuntimeError('plotting failed')\n"
+    result, verdicts = run(tmp_path, source, problem)
+    assert all(v.status == "pass" for v in verdicts.values())
+    assert [w.code for w in result.warnings] == ["exception"]
+    assert "plotting failed" in result.warnings[0].message
+
+
+@pytest.mark.parametrize("actual_shape, expected_shape, fix", [
+    ((32,), (32, 1), ".sum(1, keepdim=True)"),
+    ((64,), (1, 64), ".sum(0, keepdim=True)"),
+    ((1, 64), (64,), ".sum(0)` without keepdim"),
+])
+def test_keepdim_hint_names_the_dimension(actual_shape, expected_shape, fix):
+    truth = torch.randn(expected_shape)
+    hint = diagnose("x", compare(truth.reshape(actual_shape), truth))
+    assert hint.code == "keepdim" and fix in hint.message
+
+
+def test_a_list_below_a_wrong_gradient_is_its_own_type_mistake(problem, tmp_path):
+    source = solution_with("dprobs = (1.0 / probs) * dlogprobs", "dprobs = (2.0 / probs) * dlogprobs")
+    source = source.replace("dbnbias = dhpreact.sum(0, keepdim=True)", "dbnbias = [0.0] * 64")
+    _, verdicts = run(tmp_path, source, problem)
+    assert verdicts["probs"].diagnosis.code == "scale"
+    assert verdicts["bnbias"].diagnosis.code == "type" and "list" in verdicts["bnbias"].diagnosis.message
+    assert verdicts["bnraw"].diagnosis.code == "inherited"
+
+
+def test_code_that_cannot_load_keeps_the_same_items_and_says_so(pytester):
+    script = write_script(pytester, "def broken(:\n")
+    result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={script}", "-q")
+    outcomes = result.parseoutcomes()
+    assert outcomes == {"failed": 1, "skipped": 27}  # as many items as a loadable script gets
+    result.stdout.fnmatch_lines(["your code did not finish (ex1) [[]exception[]]:", "*invalid syntax*"])
+    assert "look at: loss" not in result.stdout.str()
+
+
+def test_timeout_skips_the_property_and_training_checks(pytester):
+    source = solution_with("dC = torch.zeros_like(C)", "dC = torch.zeros_like(C)\nwhile True:\n    pass")
+    script = write_script(pytester, source)
+    result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={script}", "--backprop-timeout=1", "-rs")
+    result.assert_outcomes(passed=25, failed=1, skipped=2)
+    result.stdout.fnmatch_lines(["*ex4: not run: your code did not finish Exercise 1*",
+                                 "*your code did not finish ex1 at the lecture's sizes*"])
