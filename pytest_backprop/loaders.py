@@ -242,8 +242,9 @@ class ModuleImplementation(Implementation):
             if exc is None and not isinstance(result, Mapping):
                 return RunResult({}, UserError("TypeError", f"backward(cache) returned {type(result).__name__}; "
                                                             "expected a dict {tensor name: gradient}"))
-            grads = {k: v for k, v in (result or {}).items() if k in GRADIENT_ORDER}
+            grads, key_warnings = gradients_by_name(result or {})
         else:
+            key_warnings = []
             target = EXERCISE_TARGET[exercise]
             available = dict(handed_out)
             available.update(problem.globals())
@@ -251,7 +252,7 @@ class ModuleImplementation(Implementation):
             fn = getattr(self.module, EXERCISE_FUNCTIONS[exercise])
             result, exc = call_user(lambda: inject(fn, available), timeout)
             grads = {target: result} if exc is None else {}
-        warnings = forward_watch(handed_out, handed_out, problem.truth.values)
+        warnings = key_warnings + forward_watch(handed_out, handed_out, problem.truth.values)
         run = RunResult(grads, self._locate(exc) if exc else None, warnings)
         trace_autograd(run, self._sources())
         return run
@@ -262,6 +263,25 @@ class ModuleImplementation(Implementation):
             return [(Path(file).read_text(), str(file))] if file else []
         except OSError:
             return []
+
+
+def gradients_by_name(result: Mapping[Any, Any]) -> tuple[dict[str, Any], list[Diagnosis]]:
+    """The gradients in what ``backward(cache)`` returned, keyed ``probs`` or ``dprobs``; a warning
+    (with a did-you-mean) for every key that names no tensor of the forward pass."""
+    import difflib
+
+    grads: dict[str, Any] = {}
+    warnings: list[Diagnosis] = []
+    for key, value in result.items():
+        name = key[1:] if isinstance(key, str) and key not in GRADIENT_ORDER and key[1:] in GRADIENT_ORDER else key
+        if name in GRADIENT_ORDER:
+            grads[name] = value
+            continue
+        close = difflib.get_close_matches(str(key), GRADIENT_ORDER, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        warnings.append(Diagnosis("unknown_key", f"backward(cache) returned a gradient under {key!r}, which is no "
+                                                 f"tensor of the forward pass{hint}; it was not checked"))
+    return grads, warnings
 
 
 def defines_functions(path: Path) -> bool:

@@ -79,3 +79,43 @@ def test_timeout_skips_the_property_and_training_checks(pytester):
     result.assert_outcomes(passed=25, failed=1, skipped=2)
     result.stdout.fnmatch_lines(["*ex4: not run: your code did not finish Exercise 1*",
                                  "*your code did not finish ex1 at the lecture's sizes*"])
+
+
+def test_module_keys_may_carry_the_d_and_unknown_keys_are_warned(problem, tmp_path):
+    from pytest_backprop.loaders import ModuleImplementation
+
+    path = tmp_path / "mod.py"
+    path.write_text("import torch\n"
+                    "def backward(cache):\n"
+                    "    d = torch.zeros_like(cache['logprobs'])\n"
+                    "    d[range(cache['n']), cache['Yb']] = -1.0 / cache['n']\n"
+                    "    return {'dlogprobs': d, 'prob': d}\n")
+    result = ModuleImplementation(str(path), path).run("ex1", problem, None)
+    verdicts = {v.tensor: v for v in verdicts_for_run("ex1", result, problem)}
+    assert verdicts["logprobs"].status == "pass"
+    assert [w.code for w in result.warnings] == ["unknown_key"]
+    assert "'prob'" in result.warnings[0].message and "did you mean 'probs'" in result.warnings[0].message
+
+
+def test_time_limit_re_arms_an_outer_timer():
+    import signal
+
+    from pytest_backprop.usercode import UserCodeTimeout, time_limit
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 5.0)  # e.g. pytest-timeout's
+        with time_limit(1.0):
+            pass
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 3.0 < left <= 5.0
+        with pytest.raises(UserCodeTimeout):
+            with time_limit(0.05):
+                while True:
+                    pass
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not fired
