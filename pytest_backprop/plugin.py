@@ -50,6 +50,15 @@ def pytest_configure(config: pytest.Config) -> None:
         state = KitState(settings, config)
         config.stash[STATE_KEY] = state
         config.pluginmanager.register(BackpropSession(config, state), "backprop-session")
+    else:
+        needs_checks = [o.flag for o in options.OPTIONS if o.name in KIT_ONLY and config.getoption(o.dest, None)]
+        if needs_checks:
+            config.issue_config_time_warning(pytest.PytestConfigWarning(
+                f"{', '.join(needs_checks)} has no effect without --backprop (the built-in checks are off)"), stacklevel=2)
+
+
+#: Options that only mean something while the built-in checks run.
+KIT_ONLY = ("impl", "json", "examples", "broadcast", "steps", "plots", "isolate")
 
 
 class BackpropSession:

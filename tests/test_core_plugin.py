@@ -139,3 +139,11 @@ def test_no_header_when_off(pytester):
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1)
     assert "backprop:" not in result.stdout.str()
+
+
+def test_kit_options_without_backprop_warn(pytester):
+    pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
+    result = pytester.runpytest_subprocess("--backprop-json=out.json")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*--backprop-json has no effect without --backprop*"])
+    assert not (pytester.path / "out.json").exists()
