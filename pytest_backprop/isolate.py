@@ -1,11 +1,12 @@
 """``--backprop-isolate``: run the user's code in a spawned child process, tensors sent back.
 
 Threat model. By default user code runs in the pytest process (fast, and tracebacks point into the
-user's file). That is **not a sandbox**: code in the same process can call ``os._exit``, crash the
-interpreter (a segfault), exhaust memory, or monkeypatch what the kit uses to judge
-(``torch.allclose``, ``torch.testing.assert_close``, ``torch.equal``). The in-process runner
-defends only against accidents: ``SystemExit`` is caught, a time limit stops endless loops (POSIX,
-main thread), every run gets fresh copies of the values, and patched attributes of ``torch``,
+user's file). That is **not a sandbox**: code in the same process can kill it (a signal,
+``from os import _exit``), crash the interpreter (a segfault), exhaust memory, or monkeypatch what
+the kit uses to judge (``torch.allclose``, ``torch.testing.assert_close``, ``torch.equal``). The
+in-process runner defends only against accidents: ``SystemExit`` is caught, ``os._exit`` raises
+``SystemExit`` while user code runs (:func:`pytest_backprop.usercode.guard_exit`), a time limit stops
+endless loops (POSIX, main thread), every run gets fresh copies of the values, and patched attributes of ``torch``,
 ``torch.testing``, ``torch.nn.functional`` and ``torch.Tensor`` are restored after each run
 (:func:`pytest_backprop.usercode.guard_torch`).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -143,6 +144,28 @@ def guard_torch() -> Iterator[None]:
 _MISSING = object()
 
 
+@contextmanager
+def guard_exit() -> Iterator[None]:
+    """While user code runs, ``os._exit(code)`` raises ``SystemExit`` instead of killing the process,
+    so the gradients computed before it are still checked (``sys.exit`` already raises).
+
+    Example::
+
+        with guard_exit():
+            exec("os._exit(3)", {"os": os})   # SystemExit: os._exit(3) called by your code
+    """
+    real_exit = os._exit
+
+    def exit_instead(code: int = 0) -> None:
+        raise SystemExit(f"os._exit({code}) called by your code")
+
+    os._exit = exit_instead
+    try:
+        yield
+    finally:
+        os._exit = real_exit
+
+
 def call_user(fn: Callable[[], Any], seconds: float | None) -> tuple[Any, BaseException | None]:
     """Call ``fn`` under the time limit; return (result, None) or (None, exception).
 
@@ -154,7 +177,7 @@ def call_user(fn: Callable[[], Any], seconds: float | None) -> tuple[Any, BaseEx
         result, exc = call_user(lambda: fn(cache), 60)
     """
     try:
-        with guard_torch(), time_limit(seconds):
+        with guard_torch(), guard_exit(), time_limit(seconds):
             return fn(), None
     except (Exception, SystemExit, UserCodeTimeout) as exc:  # noqa: BLE001 -- any user failure is a verdict
         return None, exc

@@ -119,3 +119,14 @@ def test_time_limit_re_arms_an_outer_timer():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not fired
+
+
+def test_os_exit_in_user_code_ends_the_run_not_pytest(problem, tmp_path):
+    import os
+
+    source = solution_with("dh = dlogits @ W2.T", "import os\nos._exit(3)\ndh = dlogits @ W2.T")
+    result, verdicts = run(tmp_path, source, problem)
+    assert result.error.type == "SystemExit" and "os._exit(3)" in result.error.message
+    assert verdicts["logits"].status == "pass"  # computed before the exit: still checked
+    assert verdicts["h"].status == "error"
+    assert os._exit.__module__ == "posix"  # restored

@@ -35,9 +35,23 @@ def test_os_exit_in_user_code_is_a_verdict(tmp_path, problem):
         os._exit(3)
     """)
     run = impl.run("ex1", problem, 10)
-    assert run.error.type == "ProcessDied" and "exited with code 3" in run.error.message
+    # os._exit raises SystemExit while user code runs: what was computed before it comes back
+    assert run.error.type == "SystemExit" and "os._exit(3)" in run.error.message
     verdicts = verdicts_for_run("ex1", run, problem)
-    assert verdicts[0].status == "error" and "os._exit" in verdicts[0].diagnosis.message
+    assert verdicts[0].tensor == "logprobs" and verdicts[0].status == "fail"  # checked, not lost
+    assert verdicts[1].status == "error" and "os._exit" in verdicts[1].diagnosis.message
+
+
+def test_a_process_that_really_dies_is_a_verdict(tmp_path, problem):
+    impl = isolated(tmp_path, """
+        import os, signal
+        dlogprobs = torch.zeros_like(logprobs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    run = impl.run("ex1", problem, 10)
+    assert run.error.type == "ProcessDied"
+    verdicts = verdicts_for_run("ex1", run, problem)
+    assert verdicts[0].status == "error" and "ProcessDied" in verdicts[0].diagnosis.message
 
 
 def test_monkeypatching_in_the_child_cannot_change_the_verdict(tmp_path, problem):
@@ -82,7 +96,8 @@ def test_static_description_runs_no_code(tmp_path):
 
 
 def test_isolate_end_to_end_session_survives(pytester):
-    pytester.makepyfile(student="import os\ndlogprobs = torch.zeros_like(logprobs)\nos._exit(0)\n",
+    pytester.makepyfile(student="import os, signal\ndlogprobs = torch.zeros_like(logprobs)\n"
+                                "os.kill(os.getpid(), signal.SIGKILL)\n",
                         test_mine="def test_mine():\n    assert True\n")
     result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-isolate",
                                            "-k", "not properties and not ex4", "test_mine.py")
