@@ -109,6 +109,12 @@ def build_dataset(words: Sequence[str], stoi: dict[str, int], block_size: int = 
     text = "".join(words)
     if text.isascii() and set(text) <= stoi.keys() and all(ch.isascii() for ch in stoi):
         return _build_dataset_indexed(words, text, stoi, block_size)
+    return build_dataset_loop(words, stoi, block_size)
+
+
+def build_dataset_loop(words: Sequence[str], stoi: dict[str, int], block_size: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lecture's loop, verbatim: the reference that :func:`build_dataset`'s fast path must equal,
+    and its fallback for non-ASCII vocabularies."""
     X, Y = [], []
     for w in words:
         context = [0] * block_size

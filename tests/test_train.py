@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pytest_backprop.tolerance import derive
 from reference_model import train as T
 from reference_model.backward import cross_entropy_backward, fused_backward
-from reference_model.data import build_dataset, build_splits, load_words, vocabulary
+from reference_model.data import build_dataset, build_dataset_loop, build_splits, load_words, vocabulary
 from reference_model.model import PARAMETERS, Config, forward_fused, params_only
 
 
@@ -144,18 +144,6 @@ def test_cli_names_and_bad_names(tmp_path, capsys):
         T.main(["--steps", "0"])
 
 
-def _loop_dataset(words, stoi, block_size=3):
-    X, Y = [], []
-    for w in words:
-        context = [0] * block_size
-        for ch in w + ".":
-            ix = stoi[ch]
-            X.append(context)
-            Y.append(ix)
-            context = context[1:] + [ix]
-    return torch.tensor(X, dtype=torch.long).view(-1, block_size), torch.tensor(Y, dtype=torch.long)
-
-
 @pytest.mark.parametrize("block_size", [1, 3, 8])
 def test_fast_build_dataset_equals_the_lecture_loop(block_size):
     words = list(load_words(None).words)
@@ -163,7 +151,7 @@ def test_fast_build_dataset_equals_the_lecture_loop(block_size):
     words = words[:2000] + ["", "a"]
     stoi, _ = vocabulary(words)
     X, Y = build_dataset(words, stoi, block_size)
-    X2, Y2 = _loop_dataset(words, stoi, block_size)
+    X2, Y2 = build_dataset_loop(words, stoi, block_size)
     assert torch.equal(X, X2) and torch.equal(Y, Y2)
 
 
@@ -171,7 +159,7 @@ def test_build_dataset_non_ascii_falls_back_to_the_loop():
     words = ["zoé", "renée"]
     stoi, _ = vocabulary(words)
     X, Y = build_dataset(words, stoi)
-    X2, Y2 = _loop_dataset(words, stoi)
+    X2, Y2 = build_dataset_loop(words, stoi)
     assert torch.equal(X, X2) and torch.equal(Y, Y2)
 
 
