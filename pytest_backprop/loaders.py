@@ -369,13 +369,14 @@ def _reads_autograd(node: ast.AST) -> bool:
         isinstance(n, ast.Name) and n.id == "autograd" for n in ast.walk(node))
 
 
-def _target_names(target: ast.AST) -> list[str]:
+def target_names(target: ast.AST) -> list[str]:
+    """The variable names an assignment target binds (``x``, ``x[i]``, ``a, b = ...``)."""
     while isinstance(target, (ast.Subscript, ast.Attribute, ast.Starred)):
         target = target.value
     if isinstance(target, ast.Name):
         return [target.id]
     if isinstance(target, (ast.Tuple, ast.List)):
-        return [n for elt in target.elts for n in _target_names(elt)]
+        return [n for elt in target.elts for n in target_names(elt)]
     return []
 
 
@@ -416,7 +417,7 @@ def _autograd_use_once(source: str) -> AutogradUse:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if _reads_autograd(node.value):
                 for t in targets:
-                    for name in _target_names(t):
+                    for name in target_names(t):
                         use.assigned.setdefault(name, node.lineno)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cmp" and len(node.args) >= 3:
             dt, t = node.args[1], node.args[2]

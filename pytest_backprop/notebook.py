@@ -39,7 +39,7 @@ from typing import Any
 from reference_model.model import GRADIENT_ORDER
 
 from .loaders import (EXERCISE_TARGET, EXERCISE_UPSTREAM, Implementation, LoadError, RunResult, forward_watch,
-                      namespace_for, trace_autograd)
+                      namespace_for, target_names, trace_autograd)
 from .problem import Problem
 from .usercode import UserError, call_user, locate
 
@@ -95,16 +95,6 @@ def strip_magics(source: str) -> str:
     return "\n".join(_MAGIC.sub(r"\1pass  # ", line) if _MAGIC.match(line) else line for line in source.splitlines())
 
 
-def _targets(node: ast.AST) -> list[str]:
-    while isinstance(node, (ast.Subscript, ast.Attribute, ast.Starred)):
-        node = node.value
-    if isinstance(node, ast.Name):
-        return [node.id]
-    if isinstance(node, (ast.Tuple, ast.List)):
-        return [n for elt in node.elts for n in _targets(elt)]
-    return []
-
-
 def _is_training(tree: ast.Module) -> bool:
     for loop in (n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While))):
         for node in ast.walk(loop):
@@ -140,7 +130,7 @@ def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
     for node in ast.walk(cell.tree):
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
-                cell.assigned.update(_targets(t))
+                cell.assigned.update(target_names(t))
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             cell.read.add(node.id)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cmp" and len(node.args) >= 3:
@@ -255,13 +245,13 @@ def defining_cells(cells: list[Cell], name: str) -> list[Cell]:
             bound: list[str] = []
             if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
                 for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
-                    bound += _targets(t)
+                    bound += target_names(t)
             elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 bound = [node.name]
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 bound = [(a.asname or a.name).split(".")[0] for a in node.names]
             elif isinstance(node, ast.For):
-                bound = _targets(node.target)
+                bound = target_names(node.target)
             if name in bound:
                 out.append(cell)
                 break
