@@ -12,11 +12,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "assert_grad_matches": "pytest_backprop.compare",
-    "cmp": "pytest_backprop.compare",
+    "assert_grad_matches": "pytest_backprop.judge.asserts",
+    "cmp": "pytest_backprop.judge.asserts",
     "Verdict": "pytest_backprop.verdict",
     "Diagnosis": "pytest_backprop.verdict",
-    "check_backward": "pytest_backprop.custom",
+    "check_backward": "pytest_backprop.judge.custom",
+    "Problem": "pytest_backprop.problems.instance",
+    "problem_from_batch": "pytest_backprop.problems.instance",
+    "build_problem": "pytest_backprop.problems.instance",
+    "load_implementation": "pytest_backprop.usercode.loaders",
+    "case_problem": "pytest_backprop.properties.checks",
+    "whole_backward": "pytest_backprop.properties.checks",
+    "sgd_check": "pytest_backprop.checks.exercise4",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

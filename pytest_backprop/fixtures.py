@@ -128,7 +128,7 @@ def makemore_forward(request: pytest.FixtureRequest, makemore_config, makemore_d
     """
     import torch
 
-    from .problem import problem_from_batch
+    from .problems.instance import problem_from_batch
 
     dtype = getattr(torch, options.get(request.config, "dtype"))
     config = makemore_config.with_(vocab_size=makemore_dataset.vocab_size, batch_size=makemore_batch.n)

@@ -22,7 +22,7 @@ from .fixtures import (  # noqa: F401 -- imported so that pytest registers the f
 )
 
 if TYPE_CHECKING:
-    from .state import KitState
+    from .checks.session import KitState
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,11 +35,15 @@ def pytest_configure(config: pytest.Config) -> None:
     add_marker_lines(config)  # always, so that --strict-markers accepts them (without importing gradescope: P1)
     grader = None
     if options.get(config, "gradescope"):  # no torch: results.json only
-        from . import gradescope
+        from .grading import gradescope
 
         grader = gradescope.configure(config)
     if options.get(config, ""):
-        from .state import STATE_KEY, KitState, Settings  # only with --backprop: P1, the plugin off costs ~nothing
+        from .checks.session import (  # only with --backprop: P1, the plugin off costs ~nothing
+            STATE_KEY,
+            KitState,
+            Settings,
+        )
 
         try:
             settings = Settings.from_config(config)
@@ -68,7 +72,7 @@ class BackpropSession:
         self.config, self.state = config, state
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        from .tolerance import RULE
+        from .problems.tolerance import RULE
 
         s = self.state.settings
         return [
@@ -85,7 +89,7 @@ class BackpropSession:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
         # tryfirst: our items must exist before -k/-m deselection runs.
-        from .items import collect_builtin_items
+        from .items.collect import collect_builtin_items
 
         items[:0] = collect_builtin_items(session)
 
@@ -93,8 +97,7 @@ class BackpropSession:
         # Verdicts travel in user_properties, so xdist workers' reports are gathered the same way.
         if report.when != "call" or not report.user_properties:
             return
-        from .items import VERDICT_PROPERTY, WARNINGS_PROPERTY
-        from .verdict import Diagnosis, Verdict
+        from .verdict import VERDICT_PROPERTY, WARNINGS_PROPERTY, Diagnosis, Verdict
 
         for key, value in report.user_properties:
             if key == VERDICT_PROPERTY:
@@ -106,7 +109,7 @@ class BackpropSession:
 
     def ordered(self) -> list[Any]:
         """Reported verdicts in exercise order, then backward order."""
-        from .checks import EXERCISE_TENSORS
+        from .judge.grade import EXERCISE_TENSORS
 
         rank = {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(EXERCISE_TENSORS.items()) for j, t in enumerate(ts)}
         # unranked checks (properties) by name: xdist delivers reports in no fixed order
@@ -115,7 +118,7 @@ class BackpropSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.state.reported:
             return
-        from .report import render_summary
+        from .report.text import render_summary
 
         terminalreporter.section("backprop: gradients vs autograd")
         for line in render_summary(self.ordered(), self.state.reported_warnings.values()):
@@ -124,7 +127,7 @@ class BackpropSession:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput") or not self.state.settings.json:
             return
-        from .report import report_json, write_json
+        from .report.json import report_json, write_json
 
         s = self.state.settings
         meta = {"implementation": s.impl, "dataset": self.dataset(), "seed": s.seed, "dtype": s.dtype}

@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
+#: The ``user_properties`` keys a test report carries its verdict and run warnings under (so that xdist
+#: workers' verdicts reach the controller's table, JSON and Gradescope the same way).
+VERDICT_PROPERTY = "backprop_verdict"
+WARNINGS_PROPERTY = "backprop_warnings"
 
 
 @dataclass(frozen=True)
@@ -15,6 +19,31 @@ class Diagnosis:
 
     code: str
     message: str
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where something is in the user's own code: a file and line, or a notebook cell and line,
+    with the statement's source text. ``file`` is shown relative to the working directory.
+
+    Example::
+
+        Location(file="homework.py", line=21, source="dprobs = 1.0 / probs").describe()   # 'homework.py:21'
+        Location(file="ninja.ipynb", cell=4, line=2).describe()                           # 'cell 4, line 2'
+    """
+
+    file: str | None = None
+    line: int | None = None
+    cell: int | None = None
+    source: str | None = None
+
+    def describe(self) -> str:
+        """``homework.py:21``, ``cell 4, line 2``, or ``<unknown>``."""
+        if self.cell is not None:
+            return f"cell {self.cell}, line {self.line}" if self.line is not None else f"cell {self.cell}"
+        if self.file is None:
+            return "<unknown>"
+        return f"{self.file}:{self.line}" if self.line is not None else self.file
 
 
 @dataclass(frozen=True)
@@ -41,6 +70,7 @@ class Verdict:
     worst_index: tuple[int, ...] | None = None
     line: str | None = None  # the forward line(s) reading the tensor, whose backward gives its gradient
     details: dict[str, Any] = field(default_factory=dict)
+    location: Location | None = None  # the user's own statement(s) assigning the gradient (the first one)
 
     @property
     def key(self) -> str:
@@ -63,6 +93,8 @@ class Verdict:
         """Inverse of :meth:`to_json` (used to gather verdicts from xdist workers)."""
         data = dict(data)
         data["diagnosis"] = Diagnosis(**data["diagnosis"])
+        if data.get("location") is not None:
+            data["location"] = Location(**data["location"])
         data["expected_shape"] = tuple(data["expected_shape"])
         for key in ("actual_shape", "worst_index"):
             if data.get(key) is not None:

@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in first.samples:
         print("  " + name)
     if args.plot:
-        from pytest_backprop.plots import loss_curves
+        from pytest_backprop.report.plots import loss_curves
 
         path = loss_curves({f"{k} backward": r.losses for k, r in results.items()}, args.plot,
                            title=f"Exercise 4: {args.steps} SGD steps")

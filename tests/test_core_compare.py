@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pytest_backprop import assert_grad_matches, cmp
-from pytest_backprop.compare import compare
-from pytest_backprop.problem import build_problem
+from pytest_backprop.judge.compare import compare
+from pytest_backprop.problems.instance import build_problem
 from reference_model import backward as ref
 from reference_model.data import load_words
 
@@ -130,14 +130,14 @@ def test_cmp_prints_the_lecture_line_plus_a_verdict(problem, answers, capsys):
 
 
 def test_assert_grad_matches_hides_its_own_frame():
-    import pytest_backprop.compare as module
+    import pytest_backprop.judge.asserts as module
 
     assert "__tracebackhide__" in module.assert_grad_matches.__code__.co_varnames
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_float64_problems_at_tiny_sizes_never_fail_a_correct_answer(seed):
-    from pytest_backprop.problem import problem_from_batch
+    from pytest_backprop.problems.instance import problem_from_batch
     from reference_model.model import Config, params_only
 
     config = Config(vocab_size=5, n_embd=2, n_hidden=3, block_size=2, batch_size=2, seed=seed)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import EXAMPLES, solution_with, write_script
-from pytest_backprop.checks import verdicts_for_run
-from pytest_backprop.compare import compare
-from pytest_backprop.diagnose import diagnose
-from pytest_backprop.loaders import ScriptImplementation
-from pytest_backprop.problem import build_problem
+
+from pytest_backprop.judge.compare import compare
+from pytest_backprop.judge.diagnose import diagnose
+from pytest_backprop.judge.grade import verdicts_for_run
+from pytest_backprop.problems.instance import build_problem
+from pytest_backprop.usercode.modules import ScriptImplementation
 from reference_model.data import load_words
 
 
@@ -82,7 +82,7 @@ def test_timeout_skips_the_property_and_training_checks(pytester):
 
 
 def test_module_keys_may_carry_the_d_and_unknown_keys_are_warned(problem, tmp_path):
-    from pytest_backprop.loaders import ModuleImplementation
+    from pytest_backprop.usercode.modules import ModuleImplementation
 
     path = tmp_path / "mod.py"
     path.write_text("import torch\n"
@@ -100,7 +100,7 @@ def test_module_keys_may_carry_the_d_and_unknown_keys_are_warned(problem, tmp_pa
 def test_time_limit_re_arms_an_outer_timer():
     import signal
 
-    from pytest_backprop.usercode import UserCodeTimeout, time_limit
+    from pytest_backprop.usercode.run import UserCodeTimeout, time_limit
 
     fired = []
     previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))

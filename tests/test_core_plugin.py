@@ -89,7 +89,7 @@ def test_plugin_off_imports_no_torch(pytester):
         import sys
         def test_nothing_heavy():
             assert "torch" not in sys.modules
-            assert not any(m.startswith(("reference_model", "pytest_backprop.state")) for m in sys.modules)
+            assert not any(m.startswith(("reference_model", "pytest_backprop.checks")) for m in sys.modules)
     """)
     result = pytester.runpytest_subprocess("-q", "-p", "backprop")
     result.assert_outcomes(passed=1)

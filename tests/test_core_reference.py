@@ -8,10 +8,25 @@ import pytest
 import torch
 
 from reference_model import backward as ref
-from reference_model.data import build_dataset, build_splits, embedded_words, load_words, vocabulary
+from reference_model.data import (
+    build_dataset,
+    build_splits,
+    embedded_words,
+    load_words,
+    vocabulary,
+)
 from reference_model.model import (
-    GRADIENT_ORDER, LINES, Config, autograd_truth, consumers, forward_expanded, forward_fused, init_params,
-    lecture_params_and_batch, parameter_count, params_only,
+    GRADIENT_ORDER,
+    LINES,
+    Config,
+    autograd_truth,
+    consumers,
+    forward_expanded,
+    forward_fused,
+    init_params,
+    lecture_params_and_batch,
+    parameter_count,
+    params_only,
 )
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis.errors import HypothesisException
 
 from pytest_backprop import check_backward
-from pytest_backprop.strategies import elements, shapes, tensors
+from pytest_backprop.properties.strategies import elements, shapes, tensors
 
 
 class Softmax(torch.autograd.Function):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_backprop import blame
-from pytest_backprop.compare import assert_grad_matches, compare
-from pytest_backprop.diagnose import close, diagnose, name_constant, value_hint
+from pytest_backprop.judge import blame
+from pytest_backprop.judge.asserts import assert_grad_matches
+from pytest_backprop.judge.compare import compare
+from pytest_backprop.judge.diagnose import close, diagnose, name_constant, value_hint
+from pytest_backprop.problems.instance import build_problem
 from reference_model.data import load_words
-from pytest_backprop.problem import build_problem
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES, REPO
 
 DOCS = REPO / "docs"
@@ -157,7 +156,7 @@ def test_every_fixture_has_a_documented_example():
 
 def hint_codes() -> set[str]:
     """Every hint and warning code the package can produce (its registry plus literals in the source)."""
-    from pytest_backprop.blame import CODES
+    from pytest_backprop.judge.blame import CODES
 
     found = set(CODES)
     patterns = [r'Diagnosis\(\s*"(\w+)"', r'\bcode\s*=\s*"(\w+)"', r'_verdict\(\s*\w+,\s*"(\w+)"']
@@ -184,7 +183,7 @@ def test_every_hint_code_is_documented_with_a_tested_example():
 
 
 def test_every_json_and_gradescope_field_is_documented():
-    from pytest_backprop import gradescope
+    from pytest_backprop.grading import gradescope
     from pytest_backprop.verdict import Verdict
 
     text = REFERENCE.read_text()
@@ -199,7 +198,7 @@ def test_every_json_and_gradescope_field_is_documented():
 
 def test_every_public_name_is_documented():
     """Modules whose whole ``__all__`` is rendered (``{backprop-api} module *``) cannot miss a name."""
-    from pytest_backprop import gradescope
+    from pytest_backprop.grading import gradescope
 
     reference = REFERENCE.read_text()
     for module in ("pytest_backprop", "pytest_backprop.strategies"):
@@ -213,8 +212,8 @@ def test_generated_reference_lists_every_export(built):
     import html
 
     import pytest_backprop
-    from pytest_backprop import strategies
     from pytest_backprop.options import OPTIONS
+    from pytest_backprop.properties import strategies
 
     result, out = built
     text = html.unescape((out / "reference.html").read_text())
@@ -268,7 +267,7 @@ def script_from(block: Block, solution: str) -> str:
 
 @pytest.fixture(scope="module")
 def lecture_problem():
-    from pytest_backprop.problem import build_problem, resolve_words
+    from pytest_backprop.problems.instance import build_problem, resolve_words
     from reference_model.model import Config
 
     return build_problem(resolve_words(None), Config())
@@ -279,8 +278,8 @@ CODE_BLOCKS = [b for b in all_blocks() if b.kind in ("hint", "property", "sgd")]
 
 @pytest.mark.parametrize("block", CODE_BLOCKS, ids=lambda b: f"{b.page[:-3]}-{b.kind}-{b.args.split()[0]}")
 def test_hint_code_example_gets_its_code(block, lecture_problem, tmp_path):
-    from pytest_backprop.checks import verdicts_for_run
-    from pytest_backprop.loaders import load_implementation
+    from pytest_backprop.judge.grade import verdicts_for_run
+    from pytest_backprop.usercode.loaders import load_implementation
 
     code = block.args.split()[0]
     path = tmp_path / "student.py"
@@ -290,14 +289,14 @@ def test_hint_code_example_gets_its_code(block, lecture_problem, tmp_path):
         verdicts = verdicts_for_run("ex1", impl.run("ex1", lecture_problem, 1.0), lecture_problem)
         codes = {v.diagnosis.code for v in verdicts}
     elif block.kind == "property":
-        from pytest_backprop.properties import Search, whole_backward
+        from pytest_backprop.properties.checks import Search, whole_backward
 
         verdict = whole_backward(impl, "ex1", search=Search(examples=25, derandomize=True, timeout=10),
                                  broadcast=code == "broadcast", lecture_passed=True)
         codes = {verdict.diagnosis.code}
     else:
-        from pytest_backprop.exercise4 import sgd_check
-        from pytest_backprop.problem import resolve_words
+        from pytest_backprop.checks.exercise4 import sgd_check
+        from pytest_backprop.problems.instance import resolve_words
         from reference_model.model import Config
 
         codes = {sgd_check(impl, resolve_words(None), Config(), steps=5, timeout=10).verdict.diagnosis.code}

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import EXAMPLES, solution_with, write_script
-from pytest_backprop import exercise4 as E4
-from pytest_backprop.device import check_device, single_thread
-from pytest_backprop.loaders import Implementation, RunResult, load_implementation
-from pytest_backprop.usercode import UserError
+
+from pytest_backprop.checks import exercise4 as E4
+from pytest_backprop.problems.device import check_device, single_thread
+from pytest_backprop.usercode.base import Implementation, RunResult
+from pytest_backprop.usercode.loaders import load_implementation
+from pytest_backprop.usercode.run import UserError
 from reference_model.data import build_splits, load_words
 from reference_model.model import PARAMETERS, Config
 
@@ -142,7 +143,7 @@ def test_write_plots_for_a_failure(tmp_path, words, dataset):
 
 
 def test_heatmap_of_a_wrong_shape(tmp_path):
-    from pytest_backprop.plots import difference_heatmap
+    from pytest_backprop.report.plots import difference_heatmap
 
     path = difference_heatmap("db1", torch.zeros(1, 4), torch.ones(4), tmp_path / "b1.png")
     assert path.read_bytes()[:8] == PNG

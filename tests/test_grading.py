@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import solution_with, write_script
-from pytest_backprop import gradescope as gs
-from pytest_backprop.report import render_verdict
+
+from pytest_backprop.grading import gradescope as gs
+from pytest_backprop.report.text import render_verdict
 from pytest_backprop.verdict import Verdict
 
 INSTRUCTOR_TESTS = """

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pytest_backprop.checks import verdicts_for_run
-from pytest_backprop.loaders import (ModuleImplementation, ScriptImplementation, autograd_use, inject,
-                                     load_implementation)
-from pytest_backprop.problem import build_problem, resolve_words
+from pytest_backprop.judge.grade import verdicts_for_run
+from pytest_backprop.problems.instance import build_problem, resolve_words
+from pytest_backprop.usercode.autograd_use import autograd_use
+from pytest_backprop.usercode.base import inject
+from pytest_backprop.usercode.loaders import load_implementation
+from pytest_backprop.usercode.modules import ModuleImplementation, ScriptImplementation
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ex1_solution.py"
 

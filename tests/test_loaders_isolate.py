@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_backprop.checks import verdicts_for_run
-from pytest_backprop.isolate import IsolatedImplementation, static_description
-from pytest_backprop.loaders import LoadError
-from pytest_backprop.problem import build_problem, resolve_words
+from pytest_backprop.judge.grade import verdicts_for_run
+from pytest_backprop.problems.instance import build_problem, resolve_words
+from pytest_backprop.usercode.base import LoadError
+from pytest_backprop.usercode.isolate import IsolatedImplementation, static_description
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ex1_solution.py"
 

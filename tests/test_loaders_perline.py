@@ -8,12 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_backprop import perline
-from pytest_backprop.checks import verdicts_for_run
-from pytest_backprop.loaders import load_implementation
-from pytest_backprop.perline import (LineAnswerError, LinesImplementation, call_line, chain, check_line,
-                                     line_functions, random_upstream)
-from pytest_backprop.problem import build_problem, resolve_words
+from pytest_backprop.judge.grade import verdicts_for_run
+from pytest_backprop.judge.lines import check_line, judge_answers
+from pytest_backprop.problems.instance import build_problem, resolve_words
+from pytest_backprop.usercode import perline
+from pytest_backprop.usercode.loaders import load_implementation
+from pytest_backprop.usercode.perline import (
+    LineAnswerError,
+    LinesImplementation,
+    call_line,
+    chain,
+    line_functions,
+    random_upstream,
+)
 from reference_model import backward_lines
 from reference_model.model import GRADIENT_ORDER, LINE_OF, LINES
 
@@ -175,7 +182,7 @@ def test_load_implementation_returns_per_line_implementation(tmp_path, problem):
     impl = load_implementation(str(path), tmp_path)
     assert isinstance(impl, LinesImplementation)
     assert impl.exercises() == ("ex1", "lines")
-    verdicts = impl.verdicts("lines", problem, None)
+    verdicts = judge_answers(impl.line_answers(problem, None), problem)
     failing = [v.tensor for v in verdicts if v.status != "pass"]
     assert failing == ["bnvar"]
     assert "bndiff2" in verdicts[[v.tensor for v in verdicts].index("bnvar")].diagnosis.message
@@ -198,7 +205,7 @@ def test_partial_per_line_module_skips_missing_lines(tmp_path, problem):
             return dlogprobs / probs
     """))
     impl = load_implementation(str(path), tmp_path)
-    statuses = {v.tensor: v.status for v in impl.verdicts("lines", problem, None)}
+    statuses = {v.tensor: v.status for v in judge_answers(impl.line_answers(problem, None), problem)}
     assert statuses["loss"] == "pass" and statuses["logprobs"] == "pass" and statuses["probs"] == "skip"
     grads = impl.run("ex1", problem, None).grads
     assert set(grads) == {"logprobs", "probs"}

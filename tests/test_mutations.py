@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import solution_with, write_script
-from pytest_backprop import checks
-from pytest_backprop.loaders import ScriptImplementation
-from pytest_backprop.problem import build_problem
-from pytest_backprop.report import first_wrong
+
+from pytest_backprop.judge import grade as checks
+from pytest_backprop.problems.instance import build_problem
+from pytest_backprop.report.text import first_wrong
+from pytest_backprop.usercode.modules import ScriptImplementation
 from reference_model.data import load_words
 
 LOOP = "for k in range(Xb.shape[0]):"
@@ -229,7 +229,7 @@ def test_odd_answers_get_a_verdict_not_a_crash(run, edit_from, edit_to, blamed, 
 
 def test_exercise2_scale_hint_names_n(problem, tmp_path):
     """Outside Exercise 1 there is no blame, but the single-comparison hints still name n."""
-    from pytest_backprop.loaders import ModuleImplementation
+    from pytest_backprop.usercode.modules import ModuleImplementation
 
     path = tmp_path / "student_ex2.py"
     path.write_text("import torch.nn.functional as F\n\n"
@@ -280,7 +280,7 @@ def small_problem():
     """A different network and batch size (n = 5), so that nothing depends on the lecture's 32."""
     import torch
 
-    from pytest_backprop.problem import problem_from_batch
+    from pytest_backprop.problems.instance import problem_from_batch
     from reference_model.model import Config, params_only
 
     config = Config(vocab_size=7, n_embd=3, n_hidden=6, block_size=2, batch_size=5, seed=3)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_backprop.checks import verdicts_for_run
-from pytest_backprop.loaders import load_implementation
-from pytest_backprop.notebook import NotebookImplementation, strip_magics
-from pytest_backprop.problem import build_problem, resolve_words
+from pytest_backprop.judge.grade import verdicts_for_run
+from pytest_backprop.problems.instance import build_problem, resolve_words
+from pytest_backprop.usercode.loaders import load_implementation
+from pytest_backprop.usercode.notebook import NotebookImplementation, strip_magics
 
 _spec = importlib.util.spec_from_file_location("backprop_test_notebooks", Path(__file__).parent / "data" / "notebooks.py")
 nbdata = importlib.util.module_from_spec(_spec)
@@ -160,7 +160,7 @@ def test_notebook_without_exercise_cells_says_how_to_tag(tmp_path, problem):
 def test_broken_notebook_file_is_a_load_error(tmp_path):
     path = tmp_path / "broken.ipynb"
     path.write_text("{not json")
-    from pytest_backprop.loaders import LoadError
+    from pytest_backprop.usercode.base import LoadError
 
     with pytest.raises(LoadError, match="cannot read notebook"):
         load_implementation(str(path), tmp_path)

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, solution_with, write_script
 
-from pytest_backprop.loaders import load_implementation
-from pytest_backprop.properties import (Search, batchnorm_property, cross_entropy_property, line_property,
-                                        lecture_message, size_blame, whole_backward)
-from pytest_backprop.perline import line_functions
+from pytest_backprop.properties.checks import (
+    Search,
+    batchnorm_property,
+    cross_entropy_property,
+    lecture_message,
+    line_property,
+    size_blame,
+    whole_backward,
+)
+from pytest_backprop.usercode.loaders import load_implementation
+from pytest_backprop.usercode.perline import line_functions
 from reference_model import backward_lines
 from reference_model.model import GRADIENT_ORDER, Config
-
-from conftest import REPO, solution_with, write_script
 
 LECTURE = Config()
 

@@ -10,9 +10,20 @@ import torch
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
-from pytest_backprop.strategies import (LECTURE_PATTERN, REGIMES, apply_pattern, batches, describe_pattern, elements,
-                                        makemore_cases, makemore_configs, makemore_params, param_patterns, shapes,
-                                        tensors)
+from pytest_backprop.properties.strategies import (
+    LECTURE_PATTERN,
+    REGIMES,
+    apply_pattern,
+    batches,
+    describe_pattern,
+    elements,
+    makemore_cases,
+    makemore_configs,
+    makemore_params,
+    param_patterns,
+    shapes,
+    tensors,
+)
 from reference_model.model import Config, forward_expanded, params_only
 
 FEW = settings(max_examples=15, deadline=None)

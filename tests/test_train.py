@@ -8,10 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pytest_backprop.tolerance import derive
+from pytest_backprop.problems.tolerance import derive
 from reference_model import train as T
 from reference_model.backward import cross_entropy_backward, fused_backward
-from reference_model.data import build_dataset, build_dataset_loop, build_splits, load_words, vocabulary
+from reference_model.data import (
+    build_dataset,
+    build_dataset_loop,
+    build_splits,
+    load_words,
+    vocabulary,
+)
 from reference_model.model import PARAMETERS, Config, forward_fused, params_only
 
 

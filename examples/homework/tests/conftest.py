@@ -39,8 +39,9 @@ def student(pytestconfig: pytest.Config) -> Student:
     ``--backprop-isolate`` applies to these tests too); otherwise it is loaded here.
     """
     from pytest_backprop import options
-    from pytest_backprop.loaders import LoadError, load_implementation
-    from pytest_backprop.state import get_state
+    from pytest_backprop.checks.session import get_state
+    from pytest_backprop.usercode.base import LoadError
+    from pytest_backprop.usercode.loaders import load_implementation
 
     kit = get_state(pytestconfig)
     if kit is not None:

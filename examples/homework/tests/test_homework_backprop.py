@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from pytest_backprop import assert_grad_matches
-from pytest_backprop.problem import problem_from_batch
-from pytest_backprop.properties import case_problem
-from pytest_backprop.strategies import makemore_cases, makemore_configs
+from pytest_backprop.problems.instance import problem_from_batch
+from pytest_backprop.properties.checks import case_problem
+from pytest_backprop.properties.strategies import makemore_cases, makemore_configs
 
 CROSS_ENTROPY = ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes", "logits")
 BATCHNORM = ("hpreact", "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff", "bnmeani", "hprebn")

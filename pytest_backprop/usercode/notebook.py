@@ -38,10 +38,20 @@ from typing import Any
 
 from reference_model.model import GRADIENT_ORDER
 
-from .loaders import (EXERCISE_TARGET, EXERCISE_UPSTREAM, Implementation, LoadError, RunResult, forward_watch,
-                      namespace_for, target_names, trace_autograd)
-from .problem import Problem
-from .usercode import UserError, call_user, locate
+from ..problems.instance import Problem
+from .autograd_use import target_names, trace_autograd
+from .base import (
+    EXERCISE_TARGET,
+    EXERCISE_UPSTREAM,
+    Implementation,
+    LoadError,
+    RunResult,
+    SourceSpan,
+    display_path,
+    forward_watch,
+    namespace_for,
+)
+from .run import UserError, call_user, locate
 
 TAG_PREFIX = "backprop:"
 GRAD_NAMES = frozenset("d" + name for name in GRADIENT_ORDER)
@@ -291,6 +301,7 @@ class NotebookImplementation(Implementation):
         """
         self = cls.__new__(cls)
         self.path = path
+        self._script = True
         self.description = f"script {path} (cells)"
         try:
             text = path.read_text()
@@ -308,6 +319,11 @@ class NotebookImplementation(Implementation):
                 start, tags = i + 1, frozenset(re.findall(r"backprop:\w+", line))
         self._setup(cells)
         return self
+
+    def source_spans(self) -> list[SourceSpan]:
+        if getattr(self, "_script", False):
+            return [SourceSpan(c.source, display_path(self.path), None, c.offset + 1) for c in self.cells]
+        return [SourceSpan(c.source, display_path(self.path), c.index) for c in self.cells]
 
     def cells_of(self, exercise: str) -> list[int]:
         """The notebook positions (1-based) of the cells that run for ``exercise``."""

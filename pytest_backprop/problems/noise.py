@@ -1,6 +1,6 @@
 """The float64 noise floor: how far a correct float64 derivation may be from autograd.
 
-The tolerance rule (:mod:`pytest_backprop.tolerance`) scales PyTorch's own float32 error down to
+The tolerance rule (:mod:`pytest_backprop.problems.tolerance`) scales PyTorch's own float32 error down to
 float64. That error can be luckily tiny where a true gradient is a cancellation (db1 is exactly 0;
 at n = 2 everything below batchnorm nearly is), while a correct derivation is a few ulps of the
 *terms* that cancel away. So in float64 every tolerance is widened to the larger of the rule's times

@@ -46,9 +46,9 @@ import torch
 
 from reference_model.model import GRADIENT_ORDER, Line, consumers, line_vjp
 
+from ..problems.instance import Problem
+from ..verdict import FAIL, Diagnosis, Verdict
 from .diagnose import close, name_constant, value_hint
-from .problem import Problem
-from .verdict import FAIL, Diagnosis, Verdict
 
 CODES: tuple[str, ...] = (
     "ok", "scale", "sign", "unreduced", "keepdim", "transposed", "missing_branch", "aliased", "nonfinite",

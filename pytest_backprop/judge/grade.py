@@ -1,17 +1,18 @@
-"""The built-in checks: run an implementation on the problem and turn its answers into verdicts."""
+"""Grading one run: turn an implementation's answers (a :class:`~pytest_backprop.usercode.base.RunResult`)
+into one verdict per gradient of the exercise."""
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterable
 
-from reference_model.model import GRADIENT_ORDER, consumers, LINES
+from reference_model.model import GRADIENT_ORDER, LINES, consumers
 
+from ..problems.instance import Problem
+from ..usercode.base import RunResult
+from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 from .compare import compare
 from .diagnose import diagnose
-from .loaders import RunResult
-from .problem import Problem
-from .verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 
 #: The gradients each exercise answers, in the order they are reported.
 EXERCISE_TENSORS: dict[str, tuple[str, ...]] = {
@@ -19,7 +20,7 @@ EXERCISE_TENSORS: dict[str, tuple[str, ...]] = {
     "ex2": ("logits",),
     "ex3": ("hprebn",),
     "lines": tuple(line.output for line in reversed(LINES)),  # per-line checks, backward order
-    "ex4": ("sgd",),  # one whole check (pytest_backprop.exercise4); listed here for the report's order
+    "ex4": ("sgd",),  # one whole check (pytest_backprop.checks.exercise4); listed here for the report's order
 }
 EXERCISE_TITLES = {
     "ex1": "Exercise 1: backprop through every line",
@@ -133,3 +134,9 @@ def summarize(verdicts: list[Verdict]) -> dict[str, int]:
     return counts
 
 
+def first_wrong(verdicts: Iterable[Verdict]) -> Verdict | None:
+    """The first failing gradient in backward order that is its own fault."""
+    for v in verdicts:
+        if v.status in ("fail", "error") and v.diagnosis.code != "inherited":
+            return v
+    return None

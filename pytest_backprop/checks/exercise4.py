@@ -39,10 +39,16 @@ import pytest
 import torch
 
 from reference_model.data import Words, build_splits
-from reference_model.model import GRADIENT_ORDER, PARAMETERS, Config, forward_fused, init_params
+from reference_model.model import (
+    GRADIENT_ORDER,
+    PARAMETERS,
+    Config,
+    forward_fused,
+    init_params,
+)
 
-from .tolerance import derive
-from .verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
+from ..problems.tolerance import derive
+from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 
 EXERCISE = "ex4"
 TENSOR = "sgd"
@@ -154,8 +160,8 @@ def sgd_check(implementation: Any, words: Words | None, config: Config, *, steps
         r = sgd_check(load_implementation("examples/ex1_solution.py", Path(".")), load_words(), Config(), steps=20)
         r.verdict.status, r.losses["yours"][:2]
     """
-    from .checks import verdict_for
-    from .problem import problem_from_batch
+    from ..judge.grade import verdict_for
+    from ..problems.instance import problem_from_batch
 
     if dataset is None:
         dataset = build_splits(words, config.block_size)
@@ -225,11 +231,11 @@ def write_plots(result: SgdResult, folder: str | Path) -> list[Path]:
 
         write_plots(result, "backprop-plots")   # [.../ex4_loss.png, .../ex4_step0_dW1.png]
     """
-    from .plots import difference_heatmap, loss_curves
+    from ..report.plots import difference_heatmap, loss_curves
 
     folder = Path(folder)
     written = []
-    curves = {f"your backward": result.losses.get("yours", []), "autograd": result.losses.get("autograd", [])}
+    curves = {"your backward": result.losses.get("yours", []), "autograd": result.losses.get("autograd", [])}
     if any(curves.values()):
         written.append(loss_curves(curves, folder / "ex4_loss.png", title="Exercise 4: SGD with your gradients"))
     step = result.divergence.step if result.divergence else 0
@@ -237,45 +243,6 @@ def write_plots(result: SgdResult, folder: str | Path) -> list[Path]:
         written.append(difference_heatmap(f"d{name} at SGD step {step}", actual, expected,
                                           folder / f"ex4_step{step}_d{name}.png"))
     return written
-
-
-class SgdItem(pytest.Item):
-    """``backprop::ex4::sgd``: the Exercise 4 check as one test item."""
-
-    def runtest(self) -> None:
-        from .items import VERDICT_PROPERTY, WARNINGS_PROPERTY, BackpropFailure
-        from .state import get_state
-
-        kit = get_state(self.config)
-        assert kit is not None
-        result = kit_sgd_result(kit)
-        self.user_properties.append((VERDICT_PROPERTY, result.verdict.to_json()))
-        warnings = [w.__dict__ for w in kit.run_warnings.get(EXERCISE, [])]
-        if warnings:
-            self.user_properties.append((WARNINGS_PROPERTY, warnings))
-        verdict = result.verdict
-        if verdict.status == SKIP:
-            pytest.skip(f"ex4: {verdict.diagnosis.message}")
-        if verdict.status in (FAIL, ERROR):
-            raise BackpropFailure(f"Exercise 4 [{verdict.diagnosis.code}]: {verdict.diagnosis.message}")
-
-    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
-        from .items import BackpropFailure
-
-        if isinstance(excinfo.value, BackpropFailure):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
-
-    def reportinfo(self) -> tuple[Any, int | None, str]:
-        return self.path, None, f"backprop::{EXERCISE}::{TENSOR}"
-
-
-class SgdCollector(pytest.Collector):
-    """``backprop::ex4``: collected when the implementation answers Exercise 1 and --backprop-steps > 0."""
-
-    def collect(self) -> list[pytest.Item]:
-        return [SgdItem.from_parent(self, name=TENSOR)]
-
 
 def wanted(kit: Any) -> bool:
     """Whether to collect the Exercise 4 item for this session: --backprop-steps > 0 and a full backward.
@@ -312,7 +279,7 @@ def kit_sgd_result(kit: Any) -> SgdResult:
     elif any(v.status == ERROR for v in kit.verdicts("ex1")):  # a crash or endless loop: don't repeat it 50 times
         result = SgdResult(_verdict(SKIP, "missing", "not run: your code did not finish Exercise 1 (see its error)", {}))
     else:
-        from .device import single_thread
+        from ..problems.device import single_thread
 
         with single_thread():
             result = sgd_check(kit.implementation, problem.words, problem.config, steps=session_steps(kit),

@@ -41,9 +41,9 @@ import torch
 
 from reference_model.model import LINES
 
-from .loaders import Implementation, LoadError, RunResult
-from .problem import Problem
-from .usercode import UserError
+from ..problems.instance import Problem
+from .base import Implementation, LoadError, RunResult, SourceSpan
+from .run import UserError
 
 #: Seconds the child may take on top of ``--backprop-timeout`` (process start, imports, truth).
 STARTUP_GRACE = 60.0
@@ -71,8 +71,8 @@ def _portable(value: Any) -> Any:
 
 def _child(spec: str, rootdir: str, task: str, exercise: str | None, payload: Any, timeout: float | None) -> tuple[str, Any]:
     """The child's work: load, run, and return ``(status, data)`` for the parent."""
+    from ..problems.instance import problem_from_batch
     from .loaders import load_implementation
-    from .problem import problem_from_batch
 
     try:
         impl = load_implementation(spec, Path(rootdir))
@@ -97,7 +97,7 @@ def child_main() -> None:
 
     Example::
 
-        python -c "from pytest_backprop.isolate import child_main; child_main()" < task.pickle
+        python -c "from pytest_backprop.usercode.isolate import child_main; child_main()" < task.pickle
     """
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -131,7 +131,7 @@ def run_in_child(spec: str, rootdir: Path, task: str, exercise: str | None = Non
     """
     args = dict(spec=spec, rootdir=str(rootdir), task=task, exercise=exercise, payload=payload, timeout=timeout,
                 sys_path=list(sys.path))
-    proc = subprocess.Popen([sys.executable, "-c", "from pytest_backprop.isolate import child_main; child_main()"],
+    proc = subprocess.Popen([sys.executable, "-c", "from pytest_backprop.usercode.isolate import child_main; child_main()"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(rootdir))
     limit = (timeout + STARTUP_GRACE) if timeout else None
     start = time.monotonic()
@@ -162,7 +162,9 @@ def static_description(spec: str, rootdir: Path) -> tuple[tuple[str, ...], str] 
     """
     import ast
 
-    from .loaders import EXERCISE_FUNCTIONS, ScriptImplementation, find_file
+    from .base import EXERCISE_FUNCTIONS
+    from .loaders import find_file
+    from .modules import ScriptImplementation
 
     path = find_file(spec, rootdir)
     if path is None:
@@ -214,6 +216,12 @@ class IsolatedImplementation(Implementation):
     def exercises(self) -> tuple[str, ...]:
         return tuple(self._exercises)
 
+    def source_spans(self) -> list[SourceSpan]:
+        """Read statically in this process (nothing of the user's code runs here)."""
+        from .loaders import static_source_spans
+
+        return static_source_spans(self.spec, self.rootdir)
+
     @staticmethod
     def _payload(problem: Problem) -> tuple:
         return (problem.config, problem.params, problem.Xb, problem.Yb, problem.dtype)
@@ -230,13 +238,10 @@ class IsolatedImplementation(Implementation):
             return data
         return RunResult({}, self._failure(status, data, timeout))
 
-    def verdicts(self, exercise: str, problem: Problem, timeout: float | None) -> list[Any] | None:
-        if exercise != "lines":
-            return None
-        from .perline import judge_answers
-
-        status, data = run_in_child(self.spec, self.rootdir, "lines", exercise, self._payload(problem), timeout)
+    def line_answers(self, problem: Problem, timeout: float | None) -> dict[str, tuple[Any, UserError | None]]:
+        """Every line's answer to its random upstream, computed in a child (see ``LinesImplementation``)."""
+        status, data = run_in_child(self.spec, self.rootdir, "lines", "lines", self._payload(problem), timeout)
         if status != "ok":
             error = self._failure(status, data, timeout)
-            data = {line.output: (None, error) for line in LINES}
-        return judge_answers(data, problem)
+            return {line.output: (None, error) for line in LINES}
+        return data

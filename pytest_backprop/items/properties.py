@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from .items import VERDICT_PROPERTY, BackpropFailure
-from .state import KitState, get_state
+from ..checks.session import KitState, get_state
+from .base import VERDICT_PROPERTY, BackpropFailure
 
 
 def render_property(verdict: Any) -> str:
@@ -63,7 +63,7 @@ class PropertyItem(pytest.Item):
     def search(self) -> Any:
         from hypothesis import settings
 
-        from .properties import Search
+        from ..properties.checks import Search
 
         seed = _hypothesis_seed(self.config)
         derandomize = bool(os.environ.get("CI")) or bool(settings.default.derandomize)
@@ -95,8 +95,8 @@ class PropertyItem(pytest.Item):
     def verdict(self) -> Any:
         from reference_model.model import LINE_OF
 
-        from . import properties as P
-        from .perline import check_line
+        from ..judge.lines import check_line
+        from ..properties import checks as P
 
         kit, impl, search = self.kit, self.kit.implementation, self.search()
         lecture = kit.problem.config
@@ -132,7 +132,7 @@ class PropertyItem(pytest.Item):
                                 lecture_failures=self._lecture_failures("ex1"))
 
     def runtest(self) -> None:
-        from .properties import single_thread
+        from ..properties.checks import single_thread
 
         with single_thread():
             try:
@@ -149,7 +149,7 @@ class PropertyItem(pytest.Item):
         """The verdict when the search itself could not finish (e.g. hypothesis saw flaky results)."""
         from hypothesis.errors import Flaky
 
-        from .verdict import Diagnosis, Verdict
+        from ..verdict import Diagnosis, Verdict
 
         label = ("bcast-" if self.broadcast else "prop-") + ("lines" if self.kind == "line" else self.kind)
         if isinstance(exc, Flaky):
@@ -176,7 +176,7 @@ def line_functions_of(impl: Any) -> dict[str, Any]:
     module = getattr(impl, "module", None)
     if module is None:
         return {}
-    from .perline import line_functions
+    from ..usercode.perline import line_functions
 
     return line_functions(module)
 
@@ -197,7 +197,7 @@ class BroadcastCollector(pytest.Collector):
     """``backprop::properties::broadcast``: Exercise 1 and the lines that read a parameter, in every pattern."""
 
     def collect(self) -> list[pytest.Node]:
-        from .properties import BROADCAST_LINES
+        from ..properties.checks import BROADCAST_LINES
 
         state = get_state(self.config)
         impl = state.implementation

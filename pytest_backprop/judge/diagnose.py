@@ -20,7 +20,7 @@ Scale and sign are only looked for where the truth is clearly not noise (its lar
 is at least :data:`SIGNIFICANT` times the tolerance), so ``db1`` (true value 0) and
 ``dlogit_maxes`` (true value ~1e-9) never get a scale hint. Blame across gradients
 (``inherited``), per-line hints (``missing_branch``) and ``aliased`` are added by
-:mod:`pytest_backprop.blame`; ``exception``, ``timeout`` and ``missing`` come from the run itself,
+:mod:`pytest_backprop.judge.blame`; ``exception``, ``timeout`` and ``missing`` come from the run itself,
 and ``reads_autograd`` from the loaders.
 """
 
@@ -31,8 +31,8 @@ from typing import Any, Mapping
 
 import torch
 
+from ..verdict import Diagnosis
 from .compare import Comparison, describe_failure
-from .verdict import Diagnosis
 
 #: A truth whose largest magnitude is below this many tolerances is treated as noise (no scale hints).
 SIGNIFICANT = 100.0

@@ -115,7 +115,7 @@ def guard_torch() -> Iterator[None]:
     """Restore attributes of ``torch``, ``torch.testing``, ``torch.nn.functional`` and ``torch.Tensor``
     that user code replaced (``torch.allclose = lambda *a, **k: True``), and the default dtype.
 
-    A guard against accidents, not a sandbox (see :mod:`pytest_backprop.isolate`).
+    A guard against accidents, not a sandbox (see :mod:`pytest_backprop.usercode.isolate`).
 
     Example::
 
@@ -182,3 +182,17 @@ def call_user(fn: Callable[[], Any], seconds: float | None) -> tuple[Any, BaseEx
     except (Exception, SystemExit, UserCodeTimeout) as exc:  # noqa: BLE001 -- any user failure is a verdict
         return None, exc
 
+def describe_type(value: Any) -> str:
+    """A short description of what the user returned, for messages."""
+    if value is None:
+        return "None"
+    import torch  # noqa: PLC0415
+
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
+    shape = getattr(value, "shape", None)
+    module = type(value).__module__.split(".")[0]
+    kind = type(value).__qualname__ if module == "builtins" else f"{module}.{type(value).__qualname__}"
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    return f"{article} {kind}" + (f" of shape {tuple(shape)}" if shape is not None else "")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from . import options
-from .verdict import Diagnosis, Verdict
+from .. import options
+from ..verdict import Diagnosis, Verdict
 
 
 @dataclass
@@ -46,7 +46,9 @@ class Settings:
             names = str(rootdir / names)
         if names is not None and not Path(names).is_file():
             raise pytest.UsageError(f"--backprop-names: no such file: {names}")
-        from .device import check_device  # --backprop-device (issue 5): a clear usage error, not a crash later
+        from ..problems.device import (
+            check_device,  # --backprop-device (issue 5): a clear usage error, not a crash later
+        )
 
         check_device(options.get(config, "device"))
         return cls(impl=impl, names=names, seed=options.get(config, "seed"), dtype=options.get(config, "dtype"),
@@ -78,10 +80,10 @@ class KitState:
         if self._problem is None:
             import torch
 
-            from .problem import build_problem, resolve_words
             from reference_model.model import Config
 
-            from .device import single_thread
+            from ..problems.device import single_thread
+            from ..problems.instance import build_problem, resolve_words
 
             s = self.settings
             with single_thread():  # tiny tensors: one thread is faster, results bit-identical (issue 5, P2)
@@ -92,11 +94,12 @@ class KitState:
     def implementation(self):
         """The loaded implementation, or None when it could not be loaded (see ``load_error``)."""
         if self._implementation is None and self._load_error is None:
-            from .loaders import LoadError, load_implementation
+            from ..usercode.base import LoadError
+            from ..usercode.loaders import load_implementation
 
             try:
                 if self.option("isolate"):
-                    from .isolate import IsolatedImplementation
+                    from ..usercode.isolate import IsolatedImplementation
 
                     self._implementation = IsolatedImplementation(self.settings.impl, self.settings.rootdir,
                                                                   self.settings.timeout)
@@ -119,7 +122,7 @@ class KitState:
     def verdicts(self, exercise: str) -> list[Verdict]:
         """Run the implementation for ``exercise`` once and return its verdicts."""
         if exercise not in self.results:
-            from .device import single_thread
+            from ..problems.device import single_thread
 
             with single_thread():  # tiny tensors: one thread is faster, results bit-identical (issue 5, P2)
                 self._run_exercise(exercise)
@@ -127,13 +130,17 @@ class KitState:
 
     def _run_exercise(self, exercise: str) -> None:
         """Run the implementation for one exercise and store its verdicts and warnings."""
-        from .checks import load_failure_verdicts, verdicts_for_run
+        from ..judge.grade import load_failure_verdicts, verdicts_for_run
+        from ..usercode.perline import EXERCISE as LINES
 
         if self.implementation is None:
             self.results[exercise] = load_failure_verdicts(exercise, self.load_error or "", self.problem)
             self.run_warnings[exercise] = []
-        elif (own := self.implementation.verdicts(exercise, self.problem, self.settings.timeout)) is not None:
-            self.results[exercise] = own  # per-line checks judge themselves
+        elif exercise == LINES:  # per-line checks: each backward_<output> against its line's VJP
+            from ..judge.lines import judge_answers
+
+            answers = self.implementation.line_answers(self.problem, self.settings.timeout)
+            self.results[exercise] = judge_answers(answers, self.problem)
             self.run_warnings[exercise] = []
         else:
             run = self.implementation.run(exercise, self.problem, self.settings.timeout)
@@ -144,7 +151,7 @@ class KitState:
 
     def _plot_failures(self, exercise: str, grads: dict[str, Any]) -> None:
         try:
-            from .plots import failure_heatmaps
+            from ..report.plots import failure_heatmaps
 
             failure_heatmaps(self.option("plots"), exercise, grads, self.results[exercise], self.problem)
         except Exception as exc:  # noqa: BLE001 -- a plot must never turn a verdict into a crash

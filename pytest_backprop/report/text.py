@@ -1,12 +1,11 @@
-"""Renderings of the verdicts: the failing item's text, the terminal table and the JSON report."""
+"""Text renderings of the verdicts: the failing item's report, the terminal table and summary."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-from .verdict import Diagnosis, Verdict
+from ..judge.grade import first_wrong
+from ..verdict import Diagnosis, Verdict
 
 #: Exercises whose rows are single gradients (not training runs or property searches).
 GRADIENT_EXERCISES = ("ex1", "ex2", "ex3", "lines")
@@ -57,12 +56,6 @@ def render_table(verdicts: Iterable[Verdict]) -> list[str]:
     return lines
 
 
-def first_wrong(verdicts: Iterable[Verdict]) -> Verdict | None:
-    """The first failing gradient in backward order that is its own fault."""
-    for v in verdicts:
-        if v.status in ("fail", "error") and v.diagnosis.code != "inherited":
-            return v
-    return None
 
 
 def render_summary(verdicts: list[Verdict], warnings: Iterable[Diagnosis]) -> list[str]:
@@ -83,16 +76,3 @@ def render_summary(verdicts: list[Verdict], warnings: Iterable[Diagnosis]) -> li
             lines.append(f"also wrong on its own: {label(other)} ({other.exercise}) [{other.diagnosis.code}]")
     lines += [f"warning [{w.code}]: {w.message}" for w in warnings]
     return lines
-
-
-def report_json(meta: dict[str, Any], verdicts: Iterable[Verdict], warnings: Iterable[Diagnosis]) -> dict[str, Any]:
-    """The JSON report (contract in docs/reference.md)."""
-    return {**meta, "checks": [v.to_json() for v in verdicts],
-            "warnings": [{"code": w.code, "message": w.message} for w in warnings]}
-
-
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write the JSON report, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n")

@@ -12,7 +12,7 @@ autograd, and on failure reports the smallest failing case hypothesis shrinks to
 
 Each returns a :class:`~pytest_backprop.verdict.Verdict` (exercise ``prop-ex1``, ``prop-lines``, ...).
 The test items ``backprop::properties::...`` that ``--backprop`` collects live in
-:mod:`pytest_backprop.property_items`.
+:mod:`pytest_backprop.items.properties`.
 
 Example::
 
@@ -37,17 +37,31 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
 
-from reference_model.model import LINE_OF, LINES, Config, Line, Truth, forward_expanded, run_line
+from reference_model.model import (
+    LINE_OF,
+    LINES,
+    Config,
+    Line,
+    Truth,
+    forward_expanded,
+    run_line,
+)
 
-from .checks import verdicts_for_run
-from .compare import compare
-from .problem import Problem, problem_from_batch
-from .report import first_wrong
-from .strategies import (LECTURE_PATTERN, Case, describe_pattern, elements, makemore_cases,
-                         param_patterns, tensors)
-from .noise import EPS64, FLOAT64_SLACK
-from .tolerance import Reference, attach, derive
-from .verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
+from ..judge.compare import compare
+from ..judge.grade import first_wrong, verdicts_for_run
+from ..problems.instance import Problem, problem_from_batch
+from ..problems.noise import EPS64, FLOAT64_SLACK
+from ..problems.tolerance import Reference, attach, derive
+from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
+from .strategies import (
+    LECTURE_PATTERN,
+    Case,
+    describe_pattern,
+    elements,
+    makemore_cases,
+    param_patterns,
+    tensors,
+)
 
 #: Properties run in float64: rounding never decides a verdict on a generated case.
 DTYPE = torch.float64
@@ -298,7 +312,7 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
     ignore = frozenset(lecture_failures or ())
     if lecture_failures is not None:
         lecture_passed = True
-        from .checks import EXERCISE_TENSORS
+        from ..judge.grade import EXERCISE_TENSORS
 
         if set(EXERCISE_TENSORS.get(exercise, ())) <= ignore:
             return skipped(label, "all", "every gradient already fails at the lecture's sizes: fix those first")
@@ -399,7 +413,7 @@ def line_cases(*, broadcast: bool = False) -> st.SearchStrategy[LineCase]:
 
 
 def _check_line(fn: Callable[..., Any], line: Line, lc: LineCase, timeout: float | None) -> Verdict | None:
-    from .perline import check_line
+    from ..judge.lines import check_line
 
     check = check_line(fn, line, case_values(lc.case), seed=lc.upstream_seed, timeout=timeout)
     return None if check.passed or _passes_with_floor(check) else check.verdict("prop-lines")
@@ -436,7 +450,7 @@ def line_property(fn: Callable[..., Any], output: str, *, search: Search | None 
         v = line_property(backward_lines.backward_probs, "probs", examples=5)
         v.status   # 'pass'
     """
-    from .perline import check_line
+    from ..judge.lines import check_line
 
     search = search or Search(examples=examples if examples is not None else DEFAULT_EXAMPLES)
     line = LINE_OF[output]

@@ -1,0 +1,1 @@
+"""The pytest items ``--backprop`` collects under ``backprop::`` (gradients, properties, Exercise 4)."""
