@@ -45,11 +45,13 @@ def test_exception_is_located_and_earlier_gradients_still_checked(problem, tmp_p
     assert run.error.source_line.startswith("dh = dlogits @ W2")
     assert verdicts["logits"].status == "pass"
     assert verdicts["h"].status == "error" and "student.py:" in verdicts["h"].diagnosis.message
-    assert verdicts["W2"].status == "skip" and "not reached" in verdicts["W2"].diagnosis.message
+    # the statements after the raising one did not run: an error at their own line, never a pass
+    assert verdicts["W2"].status == "error" and "not reached" in verdicts["W2"].diagnosis.message
+    assert verdicts["W2"].location.source == "dW2 = h.T @ dlogits"
 
 
 def test_endless_loop_becomes_timeout_verdict(problem, tmp_path):
-    source = "dlogprobs = torch.zeros_like(logprobs)\nwhile True:\n    pass\n"
+    source = "dlogprobs = torch.zeros_like(logprobs)\nwhile True:\n    pass\ndprobs = (1.0 / probs) * dlogprobs\n"
     run, verdicts = run_script(tmp_path, source, problem, timeout=0.5)
     assert run.error.timeout and run.error.lineno in (2, 3)
     assert verdicts["logprobs"].status == "fail"  # computed before the loop: still checked
@@ -173,7 +175,8 @@ def test_monkeypatching_torch_in_process_is_undone(problem, tmp_path):
 
 
 def test_endless_loop_end_to_end_session_goes_on(pytester):
-    pytester.makepyfile(student="dlogprobs = torch.zeros_like(logprobs)\nwhile True:\n    pass\n",
+    pytester.makepyfile(student="dlogprobs = torch.zeros_like(logprobs)\nwhile True:\n    pass\n"
+                                "dprobs = (1.0 / probs) * dlogprobs\n",
                         test_mine="def test_mine():\n    assert True\n")
     result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-timeout=1",
                                            "-k", "not properties and not ex4", "test_mine.py")

@@ -66,6 +66,7 @@ class KitState:
     _load_error: str | None = None
     results: dict[str, list[Verdict]] = field(default_factory=dict)
     run_warnings: dict[str, list[Diagnosis]] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)  # how many times the user's code ran, per exercise
     # Gathered from test reports (works the same under xdist): what the report renders.
     reported: dict[str, Verdict] = field(default_factory=dict)
     reported_warnings: dict[tuple[str, str], Diagnosis] = field(default_factory=dict)
@@ -115,9 +116,14 @@ class KitState:
         return self._load_error
 
     def exercises(self) -> tuple[str, ...]:
-        """Exercises to collect: what the implementation answers (ex1 when it cannot be loaded)."""
+        """The exercises the implementation answers (ex1 when it cannot be loaded)."""
         impl = self.implementation
         return impl.exercises() if impl is not None else ("ex1",)
+
+    def collected_exercises(self) -> tuple[str, ...]:
+        """Exercises that get items: all of the lecture's (an unanswered one is a row of skips that says
+        why), plus the per-line checks when the implementation offers them."""
+        return (*KNOWN_EXERCISES, *(ex for ex in self.exercises() if ex not in KNOWN_EXERCISES))
 
     def verdicts(self, exercise: str) -> list[Verdict]:
         """Run the implementation for ``exercise`` once and return its verdicts."""
@@ -130,11 +136,16 @@ class KitState:
 
     def _run_exercise(self, exercise: str) -> None:
         """Run the implementation for one exercise and store its verdicts and warnings."""
-        from ..judge.grade import load_failure_verdicts, verdicts_for_run
+        from ..judge.grade import load_failure_verdicts, missing_exercise_verdicts
+        from .independent import grade_exercise
         from ..usercode.perline import EXERCISE as LINES
 
-        if self.implementation is None:
+        if self.implementation is None and exercise == "ex1":
             self.results[exercise] = load_failure_verdicts(exercise, self.load_error or "", self.problem)
+            self.run_warnings[exercise] = []
+        elif self.implementation is None:
+            reason = "not run: the implementation could not be loaded (see ex1)"
+            self.results[exercise] = missing_exercise_verdicts(exercise, reason, self.problem)
             self.run_warnings[exercise] = []
         elif exercise == LINES:  # per-line checks: each backward_<output> against its line's VJP
             from ..judge.lines import judge_answers
@@ -142,12 +153,17 @@ class KitState:
             answers = self.implementation.line_answers(self.problem, self.settings.timeout)
             self.results[exercise] = judge_answers(answers, self.problem)
             self.run_warnings[exercise] = []
+        elif exercise not in self.implementation.exercises():  # every exercise has its rows, never a silent absence
+            reason = self.implementation.missing_reason(exercise) or f"{exercise} is not answered"
+            self.results[exercise] = missing_exercise_verdicts(exercise, reason, self.problem)
+            self.run_warnings[exercise] = []
         else:
-            run = self.implementation.run(exercise, self.problem, self.settings.timeout)
-            self.results[exercise] = verdicts_for_run(exercise, run, self.problem)
-            self.run_warnings[exercise] = run.warnings
+            graded = grade_exercise(self.implementation, exercise, self.problem, self.settings.timeout)
+            self.results[exercise] = graded.verdicts
+            self.run_warnings[exercise] = graded.warnings
+            self.runs[exercise] = graded.runs
             if self.option("plots"):  # --backprop-plots (issue 5): a heatmap per failing gradient
-                self._plot_failures(exercise, run.grads)
+                self._plot_failures(exercise, graded.first.grads)
 
     def _plot_failures(self, exercise: str, grads: dict[str, Any]) -> None:
         try:
@@ -159,6 +175,8 @@ class KitState:
 
 
 STATE_KEY = pytest.StashKey[KitState]()
+#: The lecture's exercises answered by gradients: each always has its rows in the report.
+KNOWN_EXERCISES = ("ex1", "ex2", "ex3")
 
 
 def get_state(config: pytest.Config) -> KitState | None:

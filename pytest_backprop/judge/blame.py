@@ -262,3 +262,24 @@ def assign_blame(verdicts: list[Verdict], grads: Mapping[str, Any], problem: Pro
         by_name[v.tensor] = new
         out.append(new)
     return out
+
+
+def own_fault_hint(verdict: Verdict, grads: Mapping[str, Any], problem: Problem) -> Diagnosis:
+    """The most specific hint for a gradient that is wrong although the gradients it is computed from
+    are right (measured by independent grading: ``grads`` come from a run with the true upstream
+    gradients substituted): ``aliased``, ``missing_branch``, a per-branch ``scale``/``sign``, or the
+    single-comparison hint it already has.
+
+    Example::
+
+        own_fault_hint(verdict, rerun.grads, problem).code   # e.g. 'missing_branch'
+    """
+    tensor = verdict.tensor
+    actual = grads.get(tensor)
+    if tensor not in GRADIENT_ORDER or not isinstance(actual, torch.Tensor) or not actual.dtype.is_floating_point:
+        return verdict.diagnosis
+    try:
+        parts = contributions(tensor, grads, problem, user=False)
+        return _own_fault(tensor, verdict, actual, problem.truth64.grads[tensor], parts, grads, problem, False)
+    except Exception:  # noqa: BLE001 -- a hint must never turn a verdict into a crash
+        return verdict.diagnosis

@@ -29,11 +29,28 @@ def label(v: Verdict) -> str:
     return f"d{v.tensor}" if v.exercise in GRADIENT_EXERCISES else v.key
 
 
+def your_line(v: Verdict) -> str | None:
+    """``cell 9, line 5: dcounts = counts_sum_inv * dprobs`` (and the other statements assigning it), or None."""
+    loc = v.location
+    if loc is None:
+        return None
+    text = f"{loc.describe()}: {loc.source}" if loc.source else loc.describe()
+    more = v.details.get("also_at") or []
+    return text + "".join(f"; {m}" for m in more)
+
+
 def render_verdict(v: Verdict) -> str:
-    """The failing item's report: what is wrong, where to look, and the hint."""
+    """The failing item's report: what is wrong, the student's own line, the forward line, the hint.
+    An inherited failure is one line: the fix is upstream."""
+    if v.diagnosis.code == "inherited":
+        return f"{label(v)} [inherited]: {v.diagnosis.message}"
+    mine = your_line(v)
     if v.diagnosis.code in STOPPED:
-        return f"{label(v)} was not computed [{v.diagnosis.code}]: {v.diagnosis.message}"
+        head = f"{label(v)} was not computed [{v.diagnosis.code}]: {v.diagnosis.message}"
+        return head + (f"\n    your line: {mine}" if mine and mine.split(':')[0] not in v.diagnosis.message else "")
     lines = [f"{label(v)} [{v.diagnosis.code}]: {v.diagnosis.message}"]
+    if mine:
+        lines.append(f"    your line: {mine}")
     if v.maxdiff is not None and v.atol is not None:
         lines.append(f"    exact: {v.exact} | approximate: {v.approximate} | maxdiff: {v.maxdiff:.3g} | atol: {v.atol:.2g}")
     if v.line:
@@ -51,9 +68,25 @@ def render_table(verdicts: Iterable[Verdict]) -> list[str]:
         lines.append(f"{v.exercise:8s} {v.tensor:15s} | {_fmt_bool(v.exact):5s} | {_fmt_bool(v.approximate):11s} | "
                      f"{_fmt_float(v.maxdiff):8s} | {_SYMBOL[v.status]}{hint}")
     counts = {s: sum(v.status == s for v in rows) for s in _SYMBOL}
-    lines.append(f"{len(rows)} checks: {counts['pass']} pass, {counts['fail']} fail, "
-                 f"{counts['error']} error, {counts['skip']} not attempted")
+    inherited = sum(v.status in ("fail", "error") and v.diagnosis.code == "inherited" for v in rows)
+    own = counts["fail"] + counts["error"] - inherited
+    lines.append(f"{len(rows)} checks: {counts['pass']} pass, {own} wrong on their own, {inherited} inherited "
+                 f"(right once the gradients they come from are), {counts['skip']} skipped")
     return lines
+
+
+def skipped_exercises(verdicts: Iterable[Verdict]) -> list[str]:
+    """One line per exercise that has no answer at all, with the reason and the fix."""
+    by_exercise: dict[str, list[Verdict]] = {}
+    for v in verdicts:
+        if v.exercise in GRADIENT_EXERCISES:
+            by_exercise.setdefault(v.exercise, []).append(v)
+    out = []
+    for exercise, rows in by_exercise.items():
+        reasons = {v.diagnosis.message for v in rows}
+        if all(v.status == "skip" for v in rows) and len(reasons) == 1 and not next(iter(reasons)).startswith("not attempted"):
+            out.append(f"{exercise} skipped: {next(iter(reasons))}")
+    return out
 
 
 
@@ -67,12 +100,18 @@ def render_summary(verdicts: list[Verdict], warnings: Iterable[Diagnosis]) -> li
                   f"    {wrong.diagnosis.message}"]
     elif wrong is not None:
         lines += ["", f"first wrong gradient: {label(wrong)} ({wrong.exercise}) [{wrong.diagnosis.code}]"]
+        mine = your_line(wrong)
+        if mine:
+            lines.append(f"    your line: {mine}")
         if wrong.line:
-            lines.append(f"    look at: {wrong.line}")
+            lines.append(f"    backprop through: {wrong.line}")
         lines.append(f"    {wrong.diagnosis.message}")
         others = [v for v in verdicts if v is not wrong and v.status in ("fail", "error")
                   and v.diagnosis.code != "inherited" and v.exercise in GRADIENT_EXERCISES]
         for other in others:
             lines.append(f"also wrong on its own: {label(other)} ({other.exercise}) [{other.diagnosis.code}]")
+    skipped = skipped_exercises(verdicts)
+    if skipped:
+        lines += ["", *skipped]
     lines += [f"warning [{w.code}]: {w.message}" for w in warnings]
     return lines

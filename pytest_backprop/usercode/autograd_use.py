@@ -10,7 +10,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
-from typing import Callable
+from typing import Any, Callable
 
 from reference_model.model import GRADIENT_ORDER
 
@@ -120,15 +120,22 @@ def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
                 (use.assigned[v] for v, t in use.cmp_vars.items() if t == tensor and v in use.assigned), None)
             if lineno is not None and tensor not in run.overrides:
                 run.overrides[tensor] = Diagnosis("reads_autograd", _autograd_message(tensor, *at(lineno)))
-        err = run.error
-        copied = [v for v in use.assigned if err is not None and err.source_line
-                  and re.search(rf"\b{re.escape(v)}\b", err.source_line)]
-        if err is not None and err.code is None and copied and "NoneType" in err.message:
-            line = use.assigned[copied[0]]
-            run.error = dc_replace(err, code="reads_autograd", message=(
-                f"{err.message} (`{copied[0]}` is None: it is copied from autograd at {at(line)[0]}, but the kit hands "
-                "your code tensors without .grad and checks your own derivation: compute it by the chain rule)"))
-        elif err is not None and err.source_line and _AUTOGRAD_TEXT.search(err.source_line) and err.code is None:
-            run.error = dc_replace(err, code="reads_autograd", message=(
-                f"{err.message} (this line reads autograd: .grad / .backward(); the kit hands your code tensors "
-                "without .grad and no graph, and checks your own derivation: compute the gradient by the chain rule)"))
+        run.error = _explain(run.error, use, at)
+        run.gradient_errors = {t: dc_replace(e, error=_explain(e.error, use, at)) for t, e in run.gradient_errors.items()}
+
+
+def _explain(err: Any, use: AutogradUse, at: Callable[[int], tuple[str, str | None]]) -> Any:
+    """An exception caused by reading autograd (a copied ``.grad`` is None here) gets ``reads_autograd``."""
+    if err is None or err.code is not None or not err.source_line:
+        return err
+    copied = [v for v in use.assigned if re.search(rf"\b{re.escape(v)}\b", err.source_line)]
+    if copied and "NoneType" in err.message:
+        line = use.assigned[copied[0]]
+        return dc_replace(err, code="reads_autograd", message=(
+            f"{err.message} (`{copied[0]}` is None: it is copied from autograd at {at(line)[0]}, but the kit hands "
+            "your code tensors without .grad and checks your own derivation: compute it by the chain rule)"))
+    if _AUTOGRAD_TEXT.search(err.source_line):
+        return dc_replace(err, code="reads_autograd", message=(
+            f"{err.message} (this line reads autograd: .grad / .backward(); the kit hands your code tensors "
+            "without .grad and no graph, and checks your own derivation: compute the gradient by the chain rule)"))
+    return err

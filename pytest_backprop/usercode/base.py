@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from reference_model.model import CONSTANTS, GRADIENT_ORDER
+from reference_model.model import GRADIENT_ORDER
 
 from ..problems.instance import Problem
 from ..verdict import Diagnosis, Location
@@ -33,15 +33,37 @@ class LoadError(Exception):
     """The implementation cannot be found or loaded at all (bad path, syntax or import error)."""
 
 
+@dataclass(frozen=True)
+class GradientError:
+    """Why a gradient has no complete answer: its own statement raised, or did not run.
+
+    ``kind``: ``raised`` (its statement raised ``error``), ``incomplete`` (an earlier statement assigned
+    it, a later one -- ``statement`` -- did not run because ``error`` stopped the code before it),
+    ``not_reached`` (none of its statements ran), ``timeout``.
+    """
+
+    kind: str
+    error: UserError
+    statement: Location | None = None
+
+
 @dataclass
 class RunResult:
-    """What one run of user code produced: gradients by tensor name, an error, warnings."""
+    """What one run of user code produced: gradients by tensor name, errors, warnings, locations."""
 
     grads: dict[str, Any]
-    error: UserError | None = None
+    error: UserError | None = None  # the first exception of the run (or the time limit)
     warnings: list[Diagnosis] = field(default_factory=list)
     #: Verdict overrides by tensor name (e.g. ``reads_autograd``): the answer fails with this hint.
     overrides: dict[str, Diagnosis] = field(default_factory=dict)
+    #: Gradients whose own statement raised or did not run (see :class:`GradientError`).
+    gradient_errors: dict[str, GradientError] = field(default_factory=dict)
+    #: The user's statements that write each gradient, in order (the student's own lines).
+    locations: dict[str, tuple[Location, ...]] = field(default_factory=dict)
+    #: Statements (program indices) that raised: a re-run may continue past them.
+    failed_statements: tuple[int, ...] = ()
+    #: Gradients whose true value the run put in place of the user's (independent grading).
+    substituted: frozenset[str] = frozenset()
 
 
 class CmpRecorder:
@@ -59,27 +81,6 @@ class CmpRecorder:
         name = self._by_id.get(id(t)) or (s.strip() if isinstance(s, str) else None)
         if name in GRADIENT_ORDER:
             self.recorded[name] = dt
-
-
-def forward_watch(handed_out: Mapping[str, Any], namespace: Mapping[str, Any], originals: Mapping[str, Any]) -> list[Diagnosis]:
-    """Warnings about the user's code changing what it was given: rebinding names, in-place edits.
-
-    Example::
-
-        warnings = forward_watch(handed_out, namespace, problem.truth.values)
-        [w.code for w in warnings]   # e.g. ['reassigned_name'] after `for n in range(3)`
-    """
-    warnings: list[Diagnosis] = []
-    for name, given in handed_out.items():
-        if name in namespace and namespace[name] is not given and name in (*CONSTANTS, *GRADIENT_ORDER):
-            warnings.append(Diagnosis("reassigned_name",
-                                      f"your code rebinds `{name}` (e.g. `for {name} in range(...)`); later lines that "
-                                      f"use `{name}` see your value, not the forward pass's"))
-        if isinstance(given, torch.Tensor) and not torch.equal(given, originals[name]):
-            warnings.append(Diagnosis("mutated_input",
-                                      f"your code modified `{name}` in place; the kit's own copy is unaffected, but "
-                                      "lines of yours that read it afterwards saw the modified values"))
-    return warnings
 
 
 def inject(fn: Callable[..., Any], available: Mapping[str, Any]) -> Any:
@@ -129,18 +130,24 @@ def display_path(path: Path | str) -> str:
     Example::
 
         display_path(Path.cwd() / "homework.py")   # 'homework.py'
+        display_path(Path.cwd().parent / "ex1.py")  # '../ex1.py' (absolute when further away)
     """
+    import os
+
     path = Path(path)
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError):
+        relative = os.path.relpath(path.resolve(), Path.cwd().resolve())
+    except (ValueError, OSError):  # another drive (Windows), a vanished working directory
         return str(path)
+    return relative if relative.count("..") <= 1 else str(path)
 
 
 class Implementation:
     """Base class: a named source of gradients. Subclasses implement :meth:`run`."""
 
     description: str = "?"
+    #: Whether :meth:`run` takes a ``plan`` (re-runs with true gradients substituted: independent grading).
+    supports_plans: bool = False
 
     def source_spans(self) -> list[SourceSpan]:
         """The user's source this implementation runs, for hints that quote it (never executed)."""
@@ -150,14 +157,29 @@ class Implementation:
         """The exercises this implementation answers, e.g. ``("ex1", "ex2", "ex3")``."""
         return ("ex1",)
 
-    def run(self, exercise: str, problem: Problem, timeout: float | None) -> RunResult:  # pragma: no cover
-        raise NotImplementedError
+    def run(self, exercise: str, problem: Problem, timeout: float | None, *, plan: Any = None) -> RunResult:
+        """Run the user's code for ``exercise`` on fresh copies of ``problem``'s values.
+
+        ``plan`` (a :class:`~pytest_backprop.usercode.program.Plan`) steers a re-run: true gradients
+        substituted where the code assigns them, statements to continue past (independent grading).
+        """
+        raise NotImplementedError  # pragma: no cover
+
+    def missing_reason(self, exercise: str) -> str | None:
+        """Why this implementation has no answer for ``exercise`` (None when it has one)."""
+        if exercise in self.exercises():
+            return None
+        function = EXERCISE_FUNCTIONS.get(exercise)
+        where = (f"a notebook cell, a `# %%` cell of a script, or a module function `{function}(...)`" if function
+                 else "a script, notebook or module `backward(cache)`")
+        return f"not in {self.description}: write Exercise {exercise[2:]} as {where}"
 
     def _is_user_file(self, filename: str) -> bool:
         return False
 
     def _locate(self, exc: BaseException) -> UserError:
-        return locate(exc, self._is_user_file, lambda f, l: linecache.getline(f, l) or None)
+        return locate(exc, self._is_user_file, lambda f, l: linecache.getline(f, l) or None,
+                      lambda f, l: (display_path(f), l))
 
 
 def namespace_for(problem: Problem) -> tuple[dict[str, Any], dict[str, Any], CmpRecorder]:
@@ -174,21 +196,3 @@ def namespace_for(problem: Problem) -> tuple[dict[str, Any], dict[str, Any], Cmp
     namespace.update(problem.globals())
     namespace.update(handed_out)
     return namespace, handed_out, recorder
-
-
-def run_code(code: Any, problem: Problem, timeout: float | None, locate_error: Callable[[BaseException], UserError]) -> RunResult:
-    """Execute compiled user code in a fresh namespace and collect its gradients.
-
-    Example::
-
-        run = run_code(compile(src, "student.py", "exec"), problem, 60, impl._locate)
-        run.grads["logprobs"]
-    """
-    namespace, handed_out, recorder = namespace_for(problem)
-    _, exc = call_user(lambda: exec(code, namespace), timeout)
-    grads = {name: namespace["d" + name] for name in GRADIENT_ORDER if "d" + name in namespace}
-    grads.update(recorder.recorded)
-    warnings = forward_watch(handed_out, namespace, problem.truth.values)
-    return RunResult(grads, locate_error(exc) if exc else None, warnings)
-
-

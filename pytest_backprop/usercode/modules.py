@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
+import inspect
 import itertools
+import linecache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
@@ -23,28 +26,35 @@ from .base import (
     RunResult,
     SourceSpan,
     display_path,
-    forward_watch,
     inject,
-    run_code,
+    namespace_for,
 )
+from .program import Plan, Program, UnitSource, collect, with_truths
 from .run import UserError, call_user
+from .watch import forward_watch, rebinding_warnings
 
 _counter = itertools.count()
 
 
 class ScriptImplementation(Implementation):
-    """Straight-line code that assigns ``d<name>`` variables, run in a fresh namespace each time."""
+    """Straight-line code that assigns ``d<name>`` variables, run statement by statement in a fresh
+    namespace each time (see :mod:`pytest_backprop.usercode.program`)."""
+
+    supports_plans = True
 
     def __init__(self, path: Path):
         self.path = path
-        self.description = f"script {path}"
+        self.description = f"script {display_path(path)}"
         try:
             self.source = path.read_text()
-            self.code = compile(self.source, str(path), "exec")
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise LoadError(f"cannot load {path}: {exc}") from exc
-        import linecache
-
+        except (OSError, ValueError) as exc:
+            raise LoadError(f"cannot load {display_path(path)}: {exc}") from exc
+        span = SourceSpan(self.source, display_path(path))
+        unit = UnitSource(self.source, span, str(path))
+        self.program = Program([unit], GRADIENT_ORDER)
+        error = self.program.units[0].syntax_error
+        if error is not None:
+            raise LoadError(f"cannot load {display_path(path)}: {error.describe().replace('your code raised ', '')}")
         linecache.updatecache(str(path))
 
     def _is_user_file(self, filename: str) -> bool:
@@ -53,19 +63,31 @@ class ScriptImplementation(Implementation):
     def source_spans(self) -> list[SourceSpan]:
         return [SourceSpan(self.source, display_path(self.path))]
 
-    def run(self, exercise: str, problem: Problem, timeout: float | None) -> RunResult:
-        result = run_code(self.code, problem, timeout, self._locate)
-        trace_autograd(result, [(self.source, str(self.path))])
+    def run(self, exercise: str, problem: Problem, timeout: float | None, *, plan: Plan | None = None) -> RunResult:
+        namespace, handed_out, recorder = namespace_for(problem)
+        plan = with_truths(plan, self.program, problem.grads)
+        outcome = self.program.run(namespace, plan, timeout=timeout, locate=self._locate)
+        result = collect(self.program, outcome, namespace, handed_out, recorder.recorded)
+        result.warnings += rebinding_warnings(self.program, namespace, handed_out, problem.truth.values)
+        trace_autograd(result, [(self.source, display_path(self.path))])
         return result
 
 
 class ModuleImplementation(Implementation):
-    """A module offering ``backward(cache)`` and optionally the Exercise 2 and 3 functions."""
+    """A module offering ``backward(cache)`` and optionally the Exercise 2 and 3 functions.
+
+    ``backward``'s body is instrumented like a script (statement by statement, see
+    :mod:`pytest_backprop.usercode.program`) when its source is available, so that an exception is
+    charged to the gradient its statement assigns and a re-run can substitute true gradients.
+    """
+
+    supports_plans = True
 
     def __init__(self, spec: str, path: Path | None = None):
         self.spec, self.path = spec, path
-        self.description = f"module {spec}"
+        self.description = f"module {display_path(path) if path else spec}"
         self.module = self._load()  # load once now, so that import errors surface early
+        self._program: Program | None | bool = False
 
     def _load(self) -> ModuleType:
         try:
@@ -90,28 +112,55 @@ class ModuleImplementation(Implementation):
         found += [ex for ex, fn in EXERCISE_FUNCTIONS.items() if hasattr(self.module, fn)]
         return tuple(found) or ("ex1",)
 
-    def run(self, exercise: str, problem: Problem, timeout: float | None) -> RunResult:
+    def program(self) -> Program | None:
+        """``backward``'s body as a program (None when its source cannot be read or it is not a plain function)."""
+        if self._program is False:
+            self._program = None
+            sources = self._sources()
+            if sources and inspect.isfunction(getattr(self.module, "backward", None)):
+                text, file = sources[0]
+                unit = UnitSource(text, SourceSpan(text, display_path(file)), file, function="backward")
+                program = Program([unit], GRADIENT_ORDER, extra_names=returned_names(text, "backward"))
+                if program.statements and program.units[0].code is not None:
+                    self._program = program
+        return self._program
+
+    def run(self, exercise: str, problem: Problem, timeout: float | None, *, plan: Plan | None = None) -> RunResult:
         handed_out = problem.cache()
-        if exercise == "ex1":
-            fn = getattr(self.module, "backward", None)
-            if fn is None:
-                return RunResult({}, UserError("AttributeError", f"{self.spec} defines no backward(cache) function"))
-            result, exc = call_user(lambda: fn(handed_out), timeout)
-            if exc is None and not isinstance(result, Mapping):
-                return RunResult({}, UserError("TypeError", f"backward(cache) returned {type(result).__name__}; "
-                                                            "expected a dict {tensor name: gradient}"))
-            grads, key_warnings = gradients_by_name(result or {})
+        if exercise != "ex1":
+            return self._run_fused(exercise, problem, handed_out, timeout)
+        fn = getattr(self.module, "backward", None)
+        if fn is None:
+            return RunResult({}, UserError("AttributeError", f"{self.spec} defines no backward(cache) function"))
+        program = self.program()
+        hook = None
+        if program is not None:
+            fn, hook = program.function(vars(self.module), with_truths(plan, program, problem.grads), self._locate)
+        result, exc = call_user(lambda: fn(handed_out), timeout)
+        if exc is None and not isinstance(result, Mapping):
+            return RunResult({}, UserError("TypeError", f"backward(cache) returned {type(result).__name__}; "
+                                                        "expected a dict {tensor name: gradient}"))
+        grads, key_warnings = gradients_by_name(result or {})
+        if hook is not None:
+            values = {"d" + t: v for t, v in grads.items()} if exc is None else dict(hook.outcome.frame_locals)
+            run = collect(program, hook.outcome, values, {})
+            if exc is None:
+                run.grads.update(grads)
         else:
-            key_warnings = []
-            target = EXERCISE_TARGET[exercise]
-            available = dict(handed_out)
-            available.update(problem.globals())
-            available.update({"d" + k: problem.grads[k].detach().clone() for k in EXERCISE_UPSTREAM[exercise]})
-            fn = getattr(self.module, EXERCISE_FUNCTIONS[exercise])
-            result, exc = call_user(lambda: inject(fn, available), timeout)
-            grads = {target: result} if exc is None else {}
-        warnings = key_warnings + forward_watch(handed_out, handed_out, problem.truth.values)
-        run = RunResult(grads, self._locate(exc) if exc else None, warnings)
+            run = RunResult(grads, self._locate(exc) if exc else None)
+        run.warnings += key_warnings + forward_watch(handed_out, handed_out, problem.truth.values)
+        trace_autograd(run, self._sources())
+        return run
+
+    def _run_fused(self, exercise: str, problem: Problem, handed_out: dict[str, Any], timeout: float | None) -> RunResult:
+        target = EXERCISE_TARGET[exercise]
+        available = dict(handed_out)
+        available.update(problem.globals())
+        available.update({"d" + k: problem.grads[k].detach().clone() for k in EXERCISE_UPSTREAM[exercise]})
+        fn = getattr(self.module, EXERCISE_FUNCTIONS[exercise])
+        result, exc = call_user(lambda: inject(fn, available), timeout)
+        run = RunResult({target: result} if exc is None else {}, self._locate(exc) if exc else None,
+                        forward_watch(handed_out, handed_out, problem.truth.values))
         trace_autograd(run, self._sources())
         return run
 
@@ -124,6 +173,29 @@ class ModuleImplementation(Implementation):
             return [(Path(file).read_text(), str(file))] if file else []
         except OSError:
             return []
+
+
+def returned_names(source: str, function: str) -> dict[str, str]:
+    """``{variable: tensor}`` from the dict literal a function returns (``return {"probs": dP, ...}``).
+
+    Example::
+
+        returned_names("def backward(c):\n    return {'probs': dP}", "backward")   # {'dP': 'probs'}
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return {}
+    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    out: dict[str, str] = {}
+    for node in ast.walk(fn) if fn is not None else ():
+        if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict):
+            for key, value in zip(node.value.keys, node.value.values):
+                if isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(value, ast.Name):
+                    name = key.value[1:] if key.value not in GRADIENT_ORDER and key.value[1:] in GRADIENT_ORDER else key.value
+                    if name in GRADIENT_ORDER:
+                        out[value.id] = name
+    return out
 
 
 def gradients_by_name(result: Mapping[Any, Any]) -> tuple[dict[str, Any], list[Diagnosis]]:

@@ -1,23 +1,35 @@
-"""Jupyter notebooks as implementations: find each exercise's cells and run only those.
+"""Jupyter notebooks (and scripts split by ``# %%``) as implementations: each exercise runs its own cells.
 
-A notebook in the lecture's layout mixes data loading, initialisation, the forward pass, the
-exercises, training and plotting. The kit runs only the exercises' cells, each exercise in a fresh
-namespace holding copies of the forward values (as every implementation gets them):
+A notebook in the lecture's layout mixes data loading, initialisation, the forward pass, the exercises,
+exploration, training and plotting. The kit runs, for each exercise, only that exercise's cells (top to
+bottom, each in the same fresh namespace holding copies of the kit's forward values), so that what is
+graded is what those cells compute. The detection rule:
 
-- **Exercise 1**: cells that assign gradients of the expanded pass (two or more ``d<name>`` for
-  names of the table), or that call ``cmp(...)`` on tensors of the table (renamed answers such as
-  ``dL_dlogprobs``), plus the cells that compute the variables those calls pass;
-- **Exercise 2**: the cell that computes ``dlogits`` from the logits alone (no other ``d<name>``);
-- **Exercise 3**: the cell that computes ``dhprebn`` in one go (reads ``dhpreact``, assigns no
-  other ``d<name>``); it gets the true ``dhpreact`` (and the gradients upstream of it).
+- A cell's **gradient variables** are ``d<name>`` for the tensors of the forward pass, and the variables
+  the notebook's own ``cmp(s, dt, t)`` calls pass for ``t`` (renamed answers such as ``dL_dlogprobs``).
+- **Exercise 2** cells write ``dlogits`` (or its renamed variable, or a placeholder ``dlogits = None``) and
+  neither read nor write the gradients between the loss and the logits (``dlogprobs`` ... ``dlogit_maxes``);
+  **Exercise 3** cells write ``dhprebn`` and neither read nor write those between ``hpreact`` and
+  ``hprebn`` (``dbnraw`` ... ``dbnmeani``). Such a cell may also compute ``dbngain``/``dbnbias`` or start
+  with a bridging line (``dhpreact = dL_dhpreact``).
+- **Exercise 1** cells are all other cells that write a gradient variable or call ``cmp(...)`` on a tensor
+  of the forward pass, however many there are (one cell, or 75 one-line cells with exploration between).
+- **Support** cells: a cell that is none of these, nor a training or set-up cell, runs with an exercise
+  when it defines a name that exercise's cells read (a helper function, ``one_hot = ...``). Exploration
+  cells that define nothing used later do not run, so a scratch cell cannot break the grading.
+- Never run: **set-up** cells (they write the forward values, parameters, batch or data the kit supplies:
+  the kit hands out its own), **training** cells (a loop that updates ``.data``, steps an optimizer or
+  records ``lossi``; ``with torch.no_grad():``), cells tagged ``backprop:skip``, and non-Python cell
+  magics (``%%bash``, ``%%writefile``, ...).
+- Cells run top to bottom: a repeated cell or the lecture's solution pasted below an attempt wins, as in
+  the notebook; an exception stops its cell and the next cell runs; a placeholder (``dlogits = None``)
+  never replaces an answer; ``%%time`` cells run their body; shell (``!wget``), magic (``%matplotlib``) and
+  help (``torch.all??``) lines are ``pass``; a cell indented as a whole (one leading space) is dedented.
+- Simple constants of earlier cells (``BATCH_SIZE = 32``), their ``def`` statements and imports of
+  common modules are available too. Cell tags ``backprop:ex1``/``ex2``/``ex3`` override the detection for
+  that exercise. An exercise with no cell gets a ``skip`` row that says how to tag one.
 
-Training cells (a loop that updates ``.data``, calls ``.backward()`` or uses ``torch.no_grad``)
-never run, nor do shell and magic lines (``!wget``, ``%matplotlib``; replaced by ``pass``). Cell
-tags ``backprop:ex1``, ``backprop:ex2``, ``backprop:ex3`` override the detection for that exercise;
-``backprop:skip`` excludes a cell. Simple constant assignments of earlier cells (``BATCH_SIZE =
-32``), their ``def`` statements and imports of common modules are available too; a name the kit
-cannot supply gives a message naming the cell that defines it. Locations read ``cell N, line M``,
-N counting every cell of the notebook from 1 (markdown included), as notebook editors show them.
+Locations read ``cell N, line M``, N counting every cell from 1 (markdown included), as editors show them.
 
 Example::
 
@@ -31,78 +43,70 @@ from __future__ import annotations
 import ast
 import operator
 import re
-import time
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reference_model.model import GRADIENT_ORDER
+from reference_model.model import CONSTANTS, GRADIENT_ORDER, PARAMETERS
 
 from ..problems.instance import Problem
-from .autograd_use import target_names, trace_autograd
-from .base import (
-    EXERCISE_TARGET,
-    EXERCISE_UPSTREAM,
-    Implementation,
-    LoadError,
-    RunResult,
-    SourceSpan,
-    display_path,
-    forward_watch,
-    namespace_for,
-)
+from .autograd_use import trace_autograd
+from .base import (EXERCISE_TARGET, EXERCISE_UPSTREAM, Implementation, LoadError, RunResult, SourceSpan,
+                   display_path, namespace_for)
+from .program import Plan, Program, UnitSource, bound_names, cmp_names, collect, with_truths
 from .run import UserError, call_user, locate
+from .watch import rebinding_warnings
 
 TAG_PREFIX = "backprop:"
-GRAD_NAMES = frozenset("d" + name for name in GRADIENT_ORDER)
+EXERCISES = ("ex1", "ex2", "ex3")
 CELL_MARKER = re.compile(r"^# ?%%")
-_MAGIC = re.compile(r"^(\s*)[!%]")
-_ASSIGN_TEXT = re.compile(r"^\s*(d[A-Za-z_0-9]+)\s*(?:[-+*/@]|//)?=[^=]", re.MULTILINE)
+_LINE_MAGIC = re.compile(r"^(\s*)[!%]")
+_HELP = re.compile(r"^(\s*)(\?{1,2}[\w.]+|[\w.]+(\(\))?\?{1,2})\s*$")
+_ASSIGN_TEXT = re.compile(r"^\s*([A-Za-z_][A-Za-z_0-9]*)\s*(?:\[[^\]]*\])?\s*(?:[-+*/@]|//)?=[^=]", re.MULTILINE)
+#: Cell magics whose body is not Python: such cells never run.
+FOREIGN_CELL_MAGICS = frozenset({"bash", "sh", "script", "writefile", "file", "html", "javascript", "js", "markdown",
+                                 "latex", "svg", "perl", "ruby", "python2", "sx", "system", "pypy"})
 SAFE_IMPORTS = frozenset({"torch", "math", "random", "numpy", "torch.nn.functional", "torch.nn", "itertools",
                           "functools", "collections"})
-
-
-@dataclass
-class Cell:
-    """One code cell: its 1-based position in the notebook, source with magics removed, parse tree."""
-
-    index: int
-    source: str
-    tags: frozenset[str] = frozenset()
-    tree: ast.Module | None = None
-    syntax_error: SyntaxError | None = None
-    assigned: set[str] = field(default_factory=set)
-    read: set[str] = field(default_factory=set)
-    cmp_tensors: set[str] = field(default_factory=set)
-    cmp_vars: dict[str, str] = field(default_factory=dict)  # variable passed as dt -> tensor
-    training: bool = False
-    origin: str | None = None  # for a script split by ``# %%`` markers: its path
-    offset: int = 0  # line of the script before the cell's first line
-
-    @property
-    def name(self) -> str:
-        """How messages name the cell: ``cell 4``, or ``the cell at student.py:12`` in a script."""
-        return f"cell {self.index}" if self.origin is None else f"the cell at {self.origin}:{self.offset + 1}"
-
-    def where(self, lineno: int) -> tuple[str, int]:
-        """(filename, line) of a line of the cell: ``("cell 4", 2)`` or ``("student.py", 14)``."""
-        return (f"cell {self.index}", lineno) if self.origin is None else (self.origin, self.offset + lineno)
-
-    @property
-    def filename(self) -> str:
-        return f"<backprop notebook cell {self.index}>"
+#: Names the kit supplies: forward values, parameters, batch, the lecture's globals, torch, F and cmp (a
+#: cell that writes one of them and no gradient is a set-up cell; a cell never runs to provide one).
+SUPPLIED = frozenset({*GRADIENT_ORDER, *PARAMETERS, *CONSTANTS, "loss", "vocab_size", "n_embd", "n_hidden",
+                      "block_size", "batch_size", "torch", "F", "cmp"})
+#: Gradients that only an Exercise 1 cell writes or reads, per fused exercise (its target is the one answer).
+FUSED: dict[str, tuple[str, frozenset[str]]] = {
+    "ex2": ("logits", frozenset(GRADIENT_ORDER[:GRADIENT_ORDER.index("logits")])),
+    "ex3": ("hprebn", frozenset(t for t in GRADIENT_ORDER[GRADIENT_ORDER.index("hpreact") + 1:GRADIENT_ORDER.index("hprebn")]
+                                if t not in PARAMETERS)),
+}
 
 
 def strip_magics(source: str) -> str:
-    """Replace shell (``!``) and magic (``%``) lines by ``pass``, keeping line numbers.
+    """The Python an IPython cell runs, line numbers kept: shell/magic/help lines become ``pass``,
+    ``%%time``-like cell magics keep their body, other cell magics give an empty cell, and a cell
+    indented as a whole is dedented.
 
     Example::
 
-        strip_magics("!wget x\\nn = 1")   # 'pass\\nn = 1'
+        strip_magics("!wget x\\nn = 1")   # 'pass  # wget x\\nn = 1'
+        strip_magics("%%time\\ndh = dlogits @ W2.T")   # 'pass  # %time\\ndh = dlogits @ W2.T'
     """
-    if source.lstrip().startswith("%%"):
-        return ""
-    return "\n".join(_MAGIC.sub(r"\1pass  # ", line) if _MAGIC.match(line) else line for line in source.splitlines())
+    lines = source.splitlines()
+    first = next((ln for ln in lines if ln.strip()), "")
+    if first.lstrip().startswith("%%"):
+        magic = first.lstrip()[2:].split()[0] if first.lstrip()[2:].split() else ""
+        if magic in FOREIGN_CELL_MAGICS:
+            return ""
+        lines = [("pass  # " + ln.lstrip()[1:]) if ln is first else ln for ln in lines]
+    out = []
+    for line in lines:
+        if _LINE_MAGIC.match(line) and not line.lstrip().startswith("pass  #"):
+            line = _LINE_MAGIC.sub(r"\1pass  # ", line, count=1)
+        elif _HELP.match(line):
+            line = _HELP.sub(r"\1pass  # \2", line)
+        out.append(line)
+    text = "\n".join(out)
+    return textwrap.dedent(text) if out and out[0][:1] in (" ", "\t") else text
 
 
 def _is_training(tree: ast.Module) -> bool:
@@ -117,65 +121,155 @@ def _is_training(tree: ast.Module) -> bool:
                 return True
             if isinstance(node, ast.Name) and node.id in ("max_steps", "lossi", "stepi"):
                 return True
-    return any(isinstance(n, ast.With) and "no_grad" in ast.unparse(n.items[0].context_expr)
-               for n in tree.body)
+    return any(isinstance(n, ast.With) and "no_grad" in ast.unparse(n.items[0].context_expr) for n in tree.body)
+
+
+@dataclass
+class Cell:
+    """One code cell: its 1-based position in the notebook, the Python it runs, and what it binds and reads."""
+
+    index: int
+    source: str
+    tags: frozenset[str] = frozenset()
+    tree: ast.Module | None = None
+    syntax_error: SyntaxError | None = None
+    stores: set[str] = field(default_factory=set)
+    loads: set[str] = field(default_factory=set)
+    cmp_tensors: set[str] = field(default_factory=set)
+    training: bool = False
+    origin: str | None = None  # for a script split by ``# %%`` markers: its path
+    offset: int = 0  # line of the script before the cell's first line
+
+    @property
+    def name(self) -> str:
+        """How messages name the cell: ``cell 4``, or ``the cell at student.py:12`` in a script."""
+        return f"cell {self.index}" if self.origin is None else f"the cell at {self.origin}:{self.offset + 1}"
+
+    @property
+    def filename(self) -> str:
+        return f"<backprop notebook cell {self.index}>"
+
+    def span(self, path: Path) -> SourceSpan:
+        """Where the cell's lines are: ``cell N`` of the notebook, or lines of the script."""
+        if self.origin is None:
+            return SourceSpan(self.source, display_path(path), self.index)
+        return SourceSpan(self.source, display_path(path), None, self.offset + 1)
+
+    def tagged(self, exercise: str) -> bool:
+        return TAG_PREFIX + exercise in self.tags
 
 
 def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
-    """Parse one code cell and record what it assigns, reads and passes to ``cmp``.
+    """Parse one code cell and record what it binds, reads and passes to ``cmp``.
 
     Example::
 
-        parse_cell(3, "dh = dlogits @ W2.T\ndW2 = h.T @ dlogits", frozenset()).assigned   # {'dh', 'dW2'}
+        parse_cell(3, "dh = dlogits @ W2.T\\ndW2 = h.T @ dlogits", frozenset()).stores   # {'dh', 'dW2'}
     """
     cell = Cell(index, strip_magics(raw), tags)
     try:
         cell.tree = ast.parse(cell.source)
-    except SyntaxError as exc:
-        cell.syntax_error = exc
-        cell.assigned = set(_ASSIGN_TEXT.findall(cell.source))
-        if "cmp(" in cell.source:
-            cell.cmp_tensors = {"?"}
+    except (SyntaxError, ValueError) as exc:
+        cell.syntax_error = exc if isinstance(exc, SyntaxError) else SyntaxError(str(exc))
+        cell.stores = set(_ASSIGN_TEXT.findall(cell.source))
+        cell.cmp_tensors = {t for t in GRADIENT_ORDER if re.search(rf"cmp\([^)]*\b{t}\s*\)", cell.source)}
         return cell
     for node in ast.walk(cell.tree):
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
             for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
-                cell.assigned.update(target_names(t))
+                cell.stores.update(bound_names(t))
+        elif isinstance(node, (ast.For, ast.comprehension)):
+            cell.stores.update(bound_names(node.target))
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            cell.stores.add(node.name)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
-            cell.read.add(node.id)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cmp" and len(node.args) >= 3:
-            if isinstance(node.args[2], ast.Name) and node.args[2].id in GRADIENT_ORDER:
-                cell.cmp_tensors.add(node.args[2].id)
-                if isinstance(node.args[1], ast.Name):
-                    cell.cmp_vars[node.args[1].id] = node.args[2].id
+            cell.loads.add(node.id)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_"):
+            cell.stores.update(bound_names(node.func.value))
+    cell.cmp_tensors = set(cmp_names(cell.tree, GRADIENT_ORDER).values()) | {
+        n.args[2].id for n in ast.walk(cell.tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        and n.func.id == "cmp" and len(n.args) >= 3 and isinstance(n.args[2], ast.Name) and n.args[2].id in GRADIENT_ORDER}
     cell.training = _is_training(cell.tree)
     return cell
 
 
-def classify(cells: list[Cell]) -> dict[str, list[Cell]]:
-    """Which cells belong to which exercise (tags first, then detection; see the module docstring).
+@dataclass
+class Detection:
+    """What :func:`classify` found: each exercise's cells, the support cells it also runs, and why an
+    exercise has no cell."""
+
+    cells: dict[str, list[Cell]]
+    support: dict[str, list[Cell]]
+    reasons: dict[str, str]
+
+
+def _gradient_vars(cells: list[Cell]) -> dict[str, str]:
+    names = {"d" + t: t for t in GRADIENT_ORDER}
+    for cell in cells:
+        if cell.tree is not None:
+            names.update(cmp_names(cell.tree, GRADIENT_ORDER))
+    return names
+
+
+def classify(cells: list[Cell], *, where: str = "the notebook") -> Detection:
+    """Which cells belong to which exercise (tags first, then the rule of the module docstring).
 
     Example::
 
-        classify(cells)["ex2"]   # [the cell computing dlogits with F.softmax]
+        classify(cells).cells["ex2"]   # [the cell computing dlogits with F.softmax]
     """
-    usable = [c for c in cells if TAG_PREFIX + "skip" not in c.tags]
-    tagged = {ex: [c for c in usable if TAG_PREFIX + ex in c.tags] for ex in ("ex1", "ex2", "ex3")}
-    found: dict[str, list[Cell]] = {}
-    candidates = [c for c in usable if not c.training and not any(t.startswith(TAG_PREFIX) for t in c.tags)]
-    grads_of = {c.index: (c.assigned | c.read) & GRAD_NAMES for c in candidates}
-    found["ex2"] = [c for c in candidates if ("dlogits" in c.assigned and grads_of[c.index] == {"dlogits"})
-                    or (c.cmp_tensors == {"logits"} and not grads_of[c.index])][-1:]
-    found["ex3"] = [c for c in candidates if ("dhprebn" in c.assigned and (c.assigned & GRAD_NAMES) == {"dhprebn"})
-                    or (c.cmp_tensors == {"hprebn"} and not c.assigned & GRAD_NAMES)][-1:]
-    taken = {c.index for c in found["ex2"] + found["ex3"]}
-    ex1 = [c for c in candidates if c.index not in taken
-           and (len(c.assigned & GRAD_NAMES) >= 2 or c.cmp_tensors)]
-    wanted = {v for c in ex1 for v in c.cmp_vars} - GRAD_NAMES
-    ex1 += [c for c in candidates if c.index not in taken and c not in ex1 and c.assigned & wanted]
-    found["ex1"] = sorted(ex1, key=lambda c: c.index)
-    return {ex: tagged[ex] or found[ex] for ex in ("ex1", "ex2", "ex3")}
+    variables = _gradient_vars(cells)
+    usable = [c for c in cells if TAG_PREFIX + "skip" not in c.tags and (c.source.strip() or c.syntax_error)]
 
+    def grads(names: set[str]) -> set[str]:
+        return {variables[v] for v in names if v in variables}
+
+    def fused(cell: Cell) -> str | None:
+        written, read = grads(cell.stores), grads(cell.loads)
+        for exercise, (target, chain) in FUSED.items():
+            if target in written and not (written | read) & chain:
+                return exercise
+        return None
+
+    untagged = [c for c in usable if not any(t.startswith(TAG_PREFIX) for t in c.tags) and not c.training]
+    found: dict[str, list[Cell]] = {ex: [] for ex in EXERCISES}
+    for cell in untagged:
+        if grads(cell.stores) or cell.cmp_tensors:
+            found[fused(cell) or "ex1"].append(cell)
+    chosen = {ex: [c for c in usable if c.tagged(ex)] or found[ex] for ex in EXERCISES}
+    taken = {c.index for cs in chosen.values() for c in cs}
+    support: dict[str, list[Cell]] = {}
+    for exercise, mine in chosen.items():
+        support[exercise] = _support_cells(mine, [c for c in untagged if c.index not in taken], variables)
+    reasons = {ex: (f"no Exercise {ex[2:]} cell found in {where}: tag the cell `{TAG_PREFIX}{ex}` "
+                    "(cell tags), or write it as the lecture does" + (f" (it assigns `d{FUSED[ex][0]}`)" if ex in FUSED else ""))
+               for ex in EXERCISES if not chosen[ex]}
+    return Detection(chosen, support, reasons)
+
+
+_BUILTINS = frozenset(dir(__import__("builtins")))
+
+
+def _support_cells(exercise_cells: list[Cell], others: list[Cell], variables: dict[str, str]) -> list[Cell]:
+    """Cells that define names the exercise's cells read (and that write nothing the kit supplies)."""
+    if not exercise_cells:
+        return []
+    candidates = [c for c in others if c.tree is not None and not (c.stores & SUPPLIED)
+                  and not (c.stores & set(variables))]
+    own = set().union(*(c.stores for c in exercise_cells))
+    chosen: dict[int, Cell] = {}
+    pending = [(c.index, c.loads - own) for c in exercise_cells]
+    while pending:
+        before, needed = pending.pop()
+        for name in needed - SUPPLIED - _BUILTINS:
+            provider = [c for c in candidates if name in c.stores and c.index < before]
+            if provider and provider[-1].index not in chosen:
+                chosen[provider[-1].index] = provider[-1]
+                pending.append((provider[-1].index, provider[-1].loads))
+    return sorted(chosen.values(), key=lambda c: c.index)
+
+
+# --- constants and definitions of earlier cells ---------------------------------------------------
 
 class _Constants(ast.NodeVisitor):
     _ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -202,8 +296,9 @@ class _Constants(ast.NodeVisitor):
         raise ValueError("not a simple constant")
 
 
-def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]) -> tuple[dict[str, Any], list[Cell]]:
-    """Simple constants of cells before ``before`` (not overriding ``supplied``), and cells of their defs/imports.
+def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]) -> tuple[dict[str, Any], list[ast.Module]]:
+    """Simple constants of cells before ``before`` (never overriding ``supplied``), and their ``def``
+    statements and imports of common modules (as small modules to run).
 
     Example::
 
@@ -212,9 +307,9 @@ def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]
     """
     constants: dict[str, Any] = {}
     known = dict(supplied)
-    defs: list[Cell] = []
+    defs: list[ast.Module] = []
     for cell in cells:
-        if cell.index >= before or cell.tree is None:
+        if cell.index >= before or cell.tree is None or TAG_PREFIX + "skip" in cell.tags:
             continue
         evaluator = _Constants(known)
         keep = []
@@ -236,40 +331,28 @@ def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]
             elif isinstance(node, ast.ImportFrom) and node.module in SAFE_IMPORTS and node.level == 0:
                 keep.append(node)
         if keep:
-            defs.append(Cell(cell.index, cell.source, cell.tags, ast.Module(body=keep, type_ignores=[])))
+            defs.append(ast.Module(body=keep, type_ignores=[]))
     return constants, defs
 
 
 def defining_cells(cells: list[Cell], name: str) -> list[Cell]:
-    """Cells that bind ``name`` at top level (assignment, def, import, for target).
+    """Cells that bind ``name`` (assignment, def, import, loop target), in notebook order.
 
     Example::
 
         [c.index for c in defining_cells(cells, "W2_t")]   # [8]
     """
-    out = []
-    for cell in cells:
-        if cell.tree is None:
-            continue
-        for node in ast.walk(cell.tree):
-            bound: list[str] = []
-            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-                for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
-                    bound += target_names(t)
-            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                bound = [node.name]
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                bound = [(a.asname or a.name).split(".")[0] for a in node.names]
-            elif isinstance(node, ast.For):
-                bound = target_names(node.target)
-            if name in bound:
-                out.append(cell)
-                break
-    return out
+    return [c for c in cells if name in c.stores or (c.tree is not None and any(
+        isinstance(n, (ast.Import, ast.ImportFrom)) and name in {(a.asname or a.name).split(".")[0] for a in n.names}
+        for n in ast.walk(c.tree)))]
 
+
+# --- the implementation ----------------------------------------------------------------------------
 
 class NotebookImplementation(Implementation):
-    """A ``.ipynb`` notebook: each exercise runs its own cells in a fresh namespace."""
+    """A ``.ipynb`` notebook (or a ``# %%`` script): each exercise runs its own cells in a fresh namespace."""
+
+    supports_plans = True
 
     def __init__(self, path: Path):
         try:
@@ -277,7 +360,7 @@ class NotebookImplementation(Implementation):
         except ImportError as exc:  # pragma: no cover
             raise LoadError("reading notebooks needs nbformat: pip install nbformat") from exc
         self.path = path
-        self.description = f"notebook {path}"
+        self.description = f"notebook {display_path(path)}"
         try:
             nb = nbformat.read(str(path), as_version=4)
         except Exception as exc:  # noqa: BLE001 -- nbformat raises many kinds for a broken file
@@ -287,8 +370,11 @@ class NotebookImplementation(Implementation):
 
     def _setup(self, cells: list[Cell]) -> None:
         self.cells = cells
-        self.by_exercise = classify(self.cells)
+        self.detection = classify(cells, where=display_path(self.path))
         self._by_file = {c.filename: c for c in self.cells}
+        self._programs: dict[str, Program] = {}
+        #: the student's renamed gradient variables, from the cmp calls of every cell
+        self._renamed = {v: t for v, t in _gradient_vars(cells).items() if v != "d" + t}
 
     @classmethod
     def from_script(cls, path: Path) -> "NotebookImplementation":
@@ -301,8 +387,7 @@ class NotebookImplementation(Implementation):
         """
         self = cls.__new__(cls)
         self.path = path
-        self._script = True
-        self.description = f"script {path} (cells)"
+        self.description = f"script {display_path(path)} (cells)"
         try:
             text = path.read_text()
         except OSError as exc:
@@ -313,87 +398,110 @@ class NotebookImplementation(Implementation):
             if CELL_MARKER.match(line):
                 if i > start and "".join(lines[start:i]).strip():
                     cell = parse_cell(index, "\n".join(lines[start:i]), tags)
-                    cell.origin, cell.offset = str(path), start
+                    cell.origin, cell.offset = display_path(path), start
                     cells.append(cell)
                     index += 1
                 start, tags = i + 1, frozenset(re.findall(r"backprop:\w+", line))
         self._setup(cells)
         return self
 
-    def source_spans(self) -> list[SourceSpan]:
-        if getattr(self, "_script", False):
-            return [SourceSpan(c.source, display_path(self.path), None, c.offset + 1) for c in self.cells]
-        return [SourceSpan(c.source, display_path(self.path), c.index) for c in self.cells]
+    @property
+    def by_exercise(self) -> dict[str, list[Cell]]:
+        return self.detection.cells
 
     def cells_of(self, exercise: str) -> list[int]:
-        """The notebook positions (1-based) of the cells that run for ``exercise``."""
-        return [c.index for c in self.by_exercise.get(exercise, [])]
+        """The notebook positions (1-based) of the cells that run for ``exercise`` (support cells included)."""
+        cells = self.detection.cells.get(exercise, []) + self.detection.support.get(exercise, [])
+        return sorted(c.index for c in cells)
 
     def exercises(self) -> tuple[str, ...]:
-        return ("ex1", *(ex for ex in ("ex2", "ex3") if self.by_exercise[ex]))
+        return tuple(ex for ex in EXERCISES if self.detection.cells[ex])
+
+    def missing_reason(self, exercise: str) -> str | None:
+        """Why ``exercise`` has no cell (None when it has)."""
+        return self.detection.reasons.get(exercise)
+
+    def source_spans(self) -> list[SourceSpan]:
+        return [c.span(self.path) for c in self.cells]
+
+    def program(self, exercise: str) -> Program:
+        """The exercise's cells (support cells included) as one program, analysed and compiled once."""
+        if exercise not in self._programs:
+            cells = sorted(self.detection.cells[exercise] + self.detection.support[exercise], key=lambda c: c.index)
+            units = [UnitSource(c.source, c.span(self.path), c.filename, syntax_error=self._syntax_error(c),
+                                assigned_text=frozenset(c.stores) if c.syntax_error else frozenset()) for c in cells]
+            self._programs[exercise] = Program(units, GRADIENT_ORDER, extra_names=self._renamed)
+        return self._programs[exercise]
+
+    def _syntax_error(self, cell: Cell) -> UserError | None:
+        se = cell.syntax_error
+        if se is None:
+            return None
+        location = cell.span(self.path).location(se.lineno or 1)
+        text = (se.text or "").rstrip("\n")
+        shown = text.strip() or location.source
+        if text.strip() and se.offset:
+            shown += "\n    " + " " * max(se.offset - 1 - (len(text) - len(text.lstrip())), 0) + "^"
+        where = f"cell {cell.index}" if cell.origin is None else location.file
+        return UserError("SyntaxError", se.msg, where, location.line, shown)
 
     def _locate(self, exc: BaseException) -> UserError:
         def source_line(filename: str, lineno: int) -> str | None:
             lines = self._by_file[filename].source.splitlines()
             return lines[lineno - 1] if 0 < lineno <= len(lines) else None
 
-        error = locate(exc, lambda f: f in self._by_file, source_line,
-                       lambda f, l: self._by_file[f].where(l))
+        def shown(filename: str, lineno: int) -> tuple[str, int]:
+            cell = self._by_file[filename]
+            return (f"cell {cell.index}", lineno) if cell.origin is None else (cell.origin, cell.offset + lineno)
+
+        error = locate(exc, lambda f: f in self._by_file, source_line, shown)
         if isinstance(exc, NameError) and getattr(exc, "name", None):
             error = _explain_name(error, exc.name, self.cells)
         return error
 
-    def run(self, exercise: str, problem: Problem, timeout: float | None) -> RunResult:
-        cells = self.by_exercise.get(exercise, [])
-        if not cells:
-            return RunResult({}, UserError("LookupError", f"no {exercise} cells found in {self.path.name}: tag the "
-                                                          f"cells with `{TAG_PREFIX}{exercise}` (cell tags)"))
+    def run(self, exercise: str, problem: Problem, timeout: float | None, *, plan: Plan | None = None) -> RunResult:
+        if not self.detection.cells.get(exercise):
+            error = UserError("NoCells", self.missing_reason(exercise) or f"no {exercise} cells")
+            return RunResult({}, error)
+        program = self.program(exercise)
         namespace, handed_out, recorder = namespace_for(problem)
         target = EXERCISE_TARGET[exercise]
         if target is not None:  # the true upstream gradients, also under the student's own names
             upstream = set(EXERCISE_UPSTREAM[exercise])
             namespace.update({"d" + k: problem.grads[k].detach().clone() for k in upstream})
-            namespace.update({var: problem.grads[t].detach().clone() for c in self.cells
-                              for var, t in c.cmp_vars.items() if t in upstream})
-        constants, defs = earlier_definitions(self.cells, cells[-1].index, namespace)
+            namespace.update({var: problem.grads[t].detach().clone() for var, t in program.gradient_vars.items()
+                              if t in upstream})
+        first = min(self.cells_of(exercise))
+        constants, defs = earlier_definitions(self.cells, first, namespace)
         namespace.update(constants)
-        for cell in defs:  # defs and imports only: nothing of those cells runs
-            call_user(lambda c=cell: exec(compile(c.tree, c.filename, "exec"), namespace), timeout)
-        deadline = time.monotonic() + timeout if timeout else None
-        error: UserError | None = None
-        for cell in cells:
-            if cell.syntax_error is not None:
-                se = cell.syntax_error
-                error = error or UserError("SyntaxError", se.msg, *cell.where(se.lineno or 1),
-                                           (se.text or "").strip() or None)
-                continue
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            code = compile(cell.tree, cell.filename, "exec")
-            _, exc = call_user(lambda: exec(code, namespace), remaining)
-            if exc is not None:
-                error = error or self._locate(exc)
-                if error.timeout:
-                    break
-        if target is None:
-            grads = {name: namespace["d" + name] for name in GRADIENT_ORDER
-                     if "d" + name in namespace and "d" + name not in handed_out}
-        else:
-            grads = {target: namespace["d" + target]} if "d" + target in namespace else {}
-        grads.update({k: v for k, v in recorder.recorded.items() if target is None or k == target})
-        result = RunResult(grads, error, forward_watch(handed_out, namespace, problem.truth.values))
-        by_name = {c.name: c for c in cells}
-        trace_autograd(result, [(c.source, c.name) for c in cells],
-                       where=lambda f, l: UserError("", "", *by_name[f].where(l)).location)
+        for module in defs:  # defs and imports only: nothing else of those cells runs
+            call_user(lambda m=module: exec(compile(m, "<backprop earlier definitions>", "exec"), namespace), timeout)
+        plan = with_truths(plan, program, problem.grads)
+        outcome = program.run(namespace, plan, timeout=timeout, locate=self._locate)
+        tensors = GRADIENT_ORDER if target is None else (target,)
+        result = collect(program, outcome, namespace, handed_out, recorder.recorded, tensors=tensors)
+        result.warnings += rebinding_warnings(program, namespace, handed_out, problem.truth.values)
+        by_name = {c.name: c for c in self.cells}
+        trace_autograd(result, [(c.source, c.name) for c in self.detection.cells[exercise]],
+                       where=lambda f, l: _cell_location(by_name[f], l))
         return result
 
 
+def _cell_location(cell: Cell, lineno: int) -> str:
+    return f"cell {cell.index}, line {lineno}" if cell.origin is None else f"{cell.origin}:{cell.offset + lineno}"
+
+
 def _explain_name(error: UserError, name: str, cells: list[Cell]) -> UserError:
-    where = defining_cells(cells, name)
+    here = next((c for c in cells if error.filename in (f"cell {c.index}", c.origin)), None)
+    before = [c for c in defining_cells(cells, name) if here is None or c.index < here.index]
+    where = before or defining_cells(cells, name)
     if where:
         cell = where[-1]
-        hint = (f"`{name}` is defined in {cell.name}, which the kit does not run: only the exercise's cells run, "
-                "with the forward values, the lecture's globals and simple constants of earlier cells; define "
-                f"`{name}` in the exercise's cell (or tag {cell.name} `{TAG_PREFIX}ex1`)")
+        why = ("a training cell" if cell.training else "a set-up cell (the kit hands out its own forward values)"
+               if cell.stores & SUPPLIED else "a cell the kit does not run")
+        hint = (f"`{name}` is defined in {cell.name}, {why}: only the exercise's cells (and cells defining names "
+                "they use) run, with the forward values, the lecture's globals and simple constants of earlier cells; "
+                f"define `{name}` in the exercise's cell (or tag {cell.name} `{TAG_PREFIX}ex1`)")
     else:
         hint = f"`{name}` is not defined anywhere in the notebook"
     return UserError(error.type, f"{error.message}: {hint}", error.filename, error.lineno, error.source_line,

@@ -87,7 +87,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         return
 
     def on_alarm(signum: int, frame: Any) -> None:
-        raise UserCodeTimeout(f"still running after {seconds:g} s (--backprop-timeout): an endless loop?")
+        raise UserCodeTimeout(f"still running after {seconds:.3g} s (--backprop-timeout): an endless loop?")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     outer_delay, outer_interval = signal.setitimer(signal.ITIMER_REAL, float(seconds))
