@@ -160,7 +160,7 @@ def hint_codes() -> set[str]:
 
     found = set(CODES)
     patterns = [r'Diagnosis\(\s*"(\w+)"', r'\bcode\s*=\s*"(\w+)"', r'_verdict\(\s*\w+,\s*"(\w+)"']
-    for source in (REPO / "pytest_backprop").glob("*.py"):
+    for source in (REPO / "pytest_backprop").rglob("*.py"):
         text = source.read_text()
         for pattern in patterns:
             found.update(re.findall(pattern, text))
@@ -278,7 +278,7 @@ CODE_BLOCKS = [b for b in all_blocks() if b.kind in ("hint", "property", "sgd")]
 
 @pytest.mark.parametrize("block", CODE_BLOCKS, ids=lambda b: f"{b.page[:-3]}-{b.kind}-{b.args.split()[0]}")
 def test_hint_code_example_gets_its_code(block, lecture_problem, tmp_path):
-    from pytest_backprop.judge.grade import verdicts_for_run
+    from pytest_backprop.checks.independent import grade_exercise
     from pytest_backprop.usercode.loaders import load_implementation
 
     code = block.args.split()[0]
@@ -286,8 +286,8 @@ def test_hint_code_example_gets_its_code(block, lecture_problem, tmp_path):
     path.write_text(script_from(block, (EXAMPLES / "ex1_solution.py").read_text()))
     impl = load_implementation(str(path), tmp_path)
     if block.kind == "hint":
-        verdicts = verdicts_for_run("ex1", impl.run("ex1", lecture_problem, 1.0), lecture_problem)
-        codes = {v.diagnosis.code for v in verdicts}
+        graded = grade_exercise(impl, "ex1", lecture_problem, 1.0)  # what `pytest --backprop` reports
+        codes = {v.diagnosis.code for v in graded.verdicts} | {w.code for w in graded.warnings}
     elif block.kind == "property":
         from pytest_backprop.properties.checks import Search, whole_backward
 

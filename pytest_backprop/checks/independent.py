@@ -33,7 +33,7 @@ from typing import Any
 
 from reference_model.model import GRADIENT_ORDER, consumers
 
-from ..judge.blame import assign_blame, own_fault_hint
+from ..judge.blame import assign_blame, follows_upstream, own_fault_hint
 from ..judge.grade import EXERCISE_TENSORS, verdicts_for_run
 from ..problems.instance import Problem
 from ..usercode.base import Implementation, RunResult
@@ -108,7 +108,7 @@ def grade_exercise(implementation: Implementation, exercise: str, problem: Probl
                 not set(current_run.failed_statements) <= plan.continue_past:
             rerun(plan.with_(continue_past=current_run.failed_statements))
         final[tensor], graded_on[tensor] = current[tensor], current_run
-        roots[tensor] = [t for t in plan.substitute if t in ancestors(tensor)]
+        roots[tensor] = [t for t in reversed(list(plan.substitute)) if t in ancestors(tensor)]  # nearest first
         later = [t for t in order[index + 1:] if tensor in ancestors(t)]
         if _failing(current[tensor]) and later and not stopped:
             rerun(plan.with_(substitute={tensor: problem.grads[tensor]}, continue_past=current_run.failed_statements))
@@ -117,34 +117,40 @@ def grade_exercise(implementation: Implementation, exercise: str, problem: Probl
                 graded.runs = len(runs)
                 return graded
 
-    graded.verdicts = [_verdict(first[t], final[t], roots.get(t, []), graded_on.get(t, run).grads, problem)
+    wrong_as_written = {t for t, v in first.items() if _failing(v)}
+    for t in order:  # the local step checked on the run as written: right given the user's own upstream?
+        if _failing(final[t]) and roots.get(t) and follows_upstream(t, run.grads, problem, wrong_as_written):
+            final[t] = replace(first[t], status=PASS)
+    graded.verdicts = [_verdict(first[t], final[t], roots.get(t, []), graded_on.get(t, run).grads, problem,
+                                [ln.output for ln in consumers(t) if ln.output in wrong_as_written])
                        for t in order]
     graded.warnings = _warnings(runs)
     graded.runs = len(runs)
     return graded
 
 
-def _verdict(as_written: Verdict, final: Verdict, roots: list[str], grads: dict[str, Any], problem: Problem) -> Verdict:
-    """The reported verdict: as written when it passes; ``inherited`` when it is right given the true
-    upstream gradients; else its own fault, with the most specific hint."""
+def _verdict(as_written: Verdict, final: Verdict, roots: list[str], grads: dict[str, Any], problem: Problem,
+             upstream: list[str]) -> Verdict:
+    """The reported verdict: as written when it passes; its own fault (with the most specific hint)
+    when it is still wrong with the true upstream gradients; ``inherited`` when it is right then; and
+    a pass when it was only not reached as written (a statement above it raised: that one is charged)."""
     if not _failing(as_written):
         return as_written
-    if not _failing(final):
-        root = roots[0] if roots else None
-        if root is not None:
-            named = ", ".join(f"d{r}" for r in roots[:3]) + (" ..." if len(roots) > 3 else "")
-            message = (f"inherited from {named}: fix {'that' if len(roots) == 1 else 'those'} first "
-                       f"(d{as_written.tensor} is right once the gradients it is computed from are)")
-        else:
-            message = (f"d{as_written.tensor} is right once the code before it runs: "
-                       f"{as_written.diagnosis.message}")
-        details = {**as_written.details, "inherited_from": root, "upstream": roots, "as_written": as_written.diagnosis.code}
-        status = FAIL if root is not None or as_written.status == FAIL else ERROR
-        return replace(as_written, status=status, diagnosis=Diagnosis("inherited", message), details=details)
-    if final.status == FAIL and final.diagnosis.code not in ("reads_autograd",):
-        hint = own_fault_hint(final, grads, problem)
-        return replace(final, diagnosis=hint)
-    return final
+    if _failing(final):
+        if final.status == FAIL and final.diagnosis.code != "reads_autograd":
+            return replace(final, diagnosis=own_fault_hint(final, grads, problem))
+        return final
+    if not roots:
+        return replace(final, details={**final.details, "as_written": as_written.diagnosis.message})
+    named = ", ".join(f"d{r}" for r in roots[:3]) + (" ..." if len(roots) > 3 else "")
+    via = [u for u in upstream if u not in roots]
+    through = f" (through {', '.join(f'd{u}' for u in via)})" if via else ""
+    fix = f"d{roots[0]}" if len(roots) == 1 else "those"
+    message = (f"inherited from {named}{through}: fix {fix} first (d{as_written.tensor} is right once the "
+               "gradients it is computed from are)")
+    details = {**as_written.details, "inherited_from": roots[0], "roots": roots, "upstream": upstream,
+               "as_written": as_written.diagnosis.code}
+    return replace(as_written, status=FAIL, diagnosis=Diagnosis("inherited", message), details=details)
 
 
 def _warnings(runs: list[RunResult]) -> list[Diagnosis]:

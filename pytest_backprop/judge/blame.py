@@ -264,6 +264,25 @@ def assign_blame(verdicts: list[Verdict], grads: Mapping[str, Any], problem: Pro
     return out
 
 
+def follows_upstream(tensor: str, grads: Mapping[str, Any], problem: Problem, failing: set[str]) -> bool:
+    """Whether the user's ``d<tensor>`` is exactly the backprop of their own (wrong) upstream answers
+    through the lines that read ``tensor``: its local step is right, its error comes from upstream.
+
+    Example::
+
+        follows_upstream("emb", run.grads, problem, {"embcat"})   # True for demb = dembcat.view(...)
+    """
+    actual = grads.get(tensor)
+    wrong = [ln for ln in consumers(tensor) if ln.output in failing]
+    if not wrong or not _usable(actual, problem.grads[tensor]):
+        return False
+    if not all(_usable(grads.get(ln.output), problem.grads[ln.output]) for ln in wrong):
+        return False
+    parts = contributions(tensor, grads, problem, user=True)
+    target = sum((c for _, c in parts[1:]), parts[0][1])
+    return close(actual.detach(), target, problem.tolerances[tensor].atol)
+
+
 def own_fault_hint(verdict: Verdict, grads: Mapping[str, Any], problem: Problem) -> Diagnosis:
     """The most specific hint for a gradient that is wrong although the gradients it is computed from
     are right (measured by independent grading: ``grads`` come from a run with the true upstream

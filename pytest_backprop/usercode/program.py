@@ -365,16 +365,6 @@ class Program:
         named = [v for v, t in self.named.items() if t == tensor]
         return named + [v for v, t in self.gradient_vars.items() if t == tensor and v not in named]
 
-    def locations(self) -> dict[str, tuple[Location, ...]]:
-        """``{tensor: locations of the statements that write its gradient}`` (the student's own lines)."""
-        out: dict[str, tuple[Location, ...]] = {}
-        for tensor in self.tensors:
-            found = sorted({s.index: s for v in self.variables_of(tensor) for s in self.writes_of(v)}.values(),
-                           key=lambda s: s.index)
-            if found:
-                out[tensor] = tuple(s.location for s in found)
-        return out
-
     def read_not_written(self) -> list[str]:
         """Gradients whose variable the code reads (a later line uses it) but never writes: not attempted."""
         written = {v for s in self.statements if s.kind == "code" for v in s.stores}
@@ -540,9 +530,20 @@ def collect(program: Program, outcome: Outcome, namespace: Mapping[str, Any], ha
     firsts = [(f.statement.unit, f.statement.index, f.error) for f in outcome.failures.values()]
     firsts += [(i, -1, u.syntax_error) for i, u in enumerate(program.units) if u.syntax_error is not None]
     first = outcome.timed_out.error if outcome.timed_out else (min(firsts, key=lambda x: x[:2])[2] if firsts else None)
-    locations = {t: locs for t, locs in program.locations().items() if t in wanted}
+    locations = {t: tuple(s.location for s in effective_writes(program, outcome, t)) for t in wanted}
+    locations = {t: locs for t, locs in locations.items() if locs}
     return RunResult(grads, first, warnings, gradient_errors=errors, locations=locations,
                      failed_statements=tuple(outcome.failures), substituted=frozenset(outcome.substituted))
+
+
+def effective_writes(program: Program, outcome: Outcome, tensor: str) -> list[Statement]:
+    """The statements that make ``tensor``'s answer: from the last plain assignment that ran on (a
+    later complete assignment starts the answer afresh, as a pasted solution below an attempt does)."""
+    variables = program.variables_of(tensor)
+    writes = sorted({s.index: s for v in variables for s in program.writes_of(v)}.values(), key=lambda s: s.index)
+    fresh = [i for i, s in enumerate(writes) if s.index in outcome.completed and not s.augmented
+             and not _modifies(s, variables)]
+    return writes[fresh[-1]:] if fresh else writes
 
 
 def gradient_errors(program: Program, outcome: Outcome, tensors: Iterable[str]) -> dict[str, GradientError]:
@@ -550,12 +551,7 @@ def gradient_errors(program: Program, outcome: Outcome, tensors: Iterable[str]) 
     none of its statements ran. Gradients whose statements all ran are not listed."""
     out: dict[str, GradientError] = {}
     for tensor in tensors:
-        writes = sorted({s.index: s for v in program.variables_of(tensor) for s in program.writes_of(v)}.values(),
-                        key=lambda s: s.index)
-        # a later complete plain assignment starts the answer afresh (a pasted solution below an attempt)
-        fresh = [i for i, s in enumerate(writes) if s.index in outcome.completed and not s.augmented
-                 and not _modifies(s, program.variables_of(tensor))]
-        writes = writes[fresh[-1]:] if fresh else writes
+        writes = effective_writes(program, outcome, tensor)
         if not writes:
             continue
         if outcome.timed_out is not None and outcome.timed_out.statement is not None and any(
@@ -636,6 +632,11 @@ def statement_warnings(program: Program, outcome: Outcome) -> list[Diagnosis]:
                                                 "assigns no gradient, so the rest of its "
                                                 + ("cell" if failure.statement.location.cell is not None else "code")
                                                 + " did not run, and the kit graded the later gradients as if it had"))
+    timed = outcome.timed_out
+    if timed is not None and timed.statement is not None and not any(
+            v in program.gradient_vars for v in timed.statement.stores):
+        out.append(Diagnosis("timeout", f"{timed.error.describe()} (`{_first_line(timed.statement.source)}`: a "
+                                        "statement that assigns no gradient)"))
     return out
 
 
