@@ -14,11 +14,10 @@ from pytest_backprop.properties.checks import (
     Search,
     batchnorm_property,
     cross_entropy_property,
-    lecture_message,
     line_property,
-    size_blame,
     whole_backward,
 )
+from pytest_backprop.properties.explain import SizeFinding, size_findings
 from pytest_backprop.usercode.loaders import load_implementation
 from pytest_backprop.usercode.perline import line_functions
 from reference_model import backward_lines
@@ -64,8 +63,11 @@ def test_hardcoded_32_is_found_and_named(tmp_path):
     verdict = whole_backward(impl, search=search(), lecture=LECTURE, lecture_passed=True)
     assert verdict.status == "fail"
     assert verdict.diagnosis.code == "hardcoded_shape"
-    assert verdict.diagnosis.message.startswith("passes at n=32, fails at n=2: is 32 written into your code?")
+    assert verdict.diagnosis.message.startswith("passes at n=32, fails at n=2: 32 is written into your code: "
+                                                f"`dlogprobs[range(n), Yb] = -1.0 / 32` ({script}:8)")
     assert verdict.tensor == "logprobs" and verdict.details["size"] == "batch_size"
+    assert verdict.details["found"] == [{"value": 32, "location": f"{script}:8",
+                                         "source": "dlogprobs[range(n), Yb] = -1.0 / 32"}]
     assert "n=2" in verdict.details["case"]  # the shrunk case
 
 
@@ -88,12 +90,18 @@ def test_gradients_failing_at_the_lecture_are_not_counted_twice(tmp_path):
     assert everything.status == "skip"
 
 
-def test_size_blame_names_the_size_or_falls_back():
+def test_size_findings_name_the_size_and_its_pattern():
     failing = Config(batch_size=2, vocab_size=2, n_embd=1, n_hidden=1, block_size=1)
-    assert size_blame(LECTURE, failing, lambda c: c.vocab_size != 27) == (
-        "vocab_size", "passes at vocab_size=27, fails at vocab_size=2: is 27 written into your code?")
-    assert size_blame(LECTURE, failing, lambda c: False) is None
-    assert "n=32" in lecture_message(LECTURE, failing) and "n=2" in lecture_message(LECTURE, failing)
+    (found,) = size_findings(LECTURE, failing, lambda c: c.vocab_size != 27)
+    assert (found.attr, found.label, found.lecture, found.pattern) == ("vocab_size", "vocab_size", 27, "all")
+    assert size_findings(LECTURE, failing, lambda c: False) == []
+    odd = size_findings(LECTURE, failing, lambda c: c.batch_size % 2 == 1 or c.vocab_size == 2)
+    assert [f.attr for f in odd] == ["vocab_size"]  # n=2 alone passes: batch size is not blamed
+    assert size_findings(LECTURE, Config(batch_size=3), lambda c: c.batch_size % 2 == 1)[0].pattern == "odd"
+    (one,) = size_findings(LECTURE, failing, lambda c: c.n_hidden == 1)
+    assert one.pattern == "size_one" and one.failing == (1,) and 64 in one.passing
+    pow2 = SizeFinding("batch_size", 32, (3, 5, 6, 7), (2, 4, 8, 16, 32))
+    assert pow2.pattern == "not_power_of_two" and pow2.describe() == "fails at n=3, 5, 6, 7; passes at n=2, 4, 8, 16, 32"
 
 
 def test_a_correct_ex1_script_passes(ex1_solution):
@@ -188,7 +196,8 @@ def test_plugin_reports_hardcoded_shape_and_runs_the_broadcast_tier(pytester):
     result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-examples=3",
                                            "--backprop-json=report.json", "-p", "no:cacheprovider", "-k", "properties")
     result.assert_outcomes(failed=2)
-    result.stdout.fnmatch_lines(["*backprop::properties::ex1*", "*passes at n=32, fails at n=2: is 32 written into your code?*"])
+    result.stdout.fnmatch_lines(["*backprop::properties::ex1*", "*passes at n=32, fails at n=2: 32 is written into your "
+                                 "code: `dlogprobs[[]range(n), Yb[]] = -1.0 / 32` (student.py:8)*"])
     report = json.loads((pytester.path / "report.json").read_text())
     props = {c["exercise"]: c for c in report["checks"] if c["exercise"] in ("prop-ex1", "bcast-ex1")}
     assert set(props) == {"prop-ex1", "bcast-ex1"}

@@ -15,12 +15,14 @@ Example::
 from __future__ import annotations
 
 import ast
+import inspect
 import re
+import textwrap
 from dataclasses import dataclass
-from typing import Collection, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 from ..verdict import Location
-from .base import SourceSpan
+from .base import SourceSpan, display_path
 
 _NOTEBOOK_ONLY = re.compile(r"^\s*[!%]|\?\s*$")
 #: torch functions that create a tensor in the default dtype (float32) unless given ``dtype=``.
@@ -43,6 +45,41 @@ class Found:
     def describe(self) -> str:
         """The line's text in backticks and its location."""
         return f"`{self.location.source}` ({self.location.describe()})"
+
+
+def spans_for(implementation: Any, exercise: str) -> tuple[list[SourceSpan], list[SourceSpan]]:
+    """The user's source that runs for ``exercise``, and the rest (a notebook's other cells, where
+    only constant definitions such as ``BATCH = 32`` can matter). Empty when the source is unknown.
+
+    Example::
+
+        running, rest = spans_for(NotebookImplementation(Path("ninja.ipynb")), "ex1")
+        [s.cell for s in running]   # the Exercise 1 cells
+    """
+    try:
+        spans = list(implementation.source_spans())
+    except Exception:  # noqa: BLE001 -- a hint's source lookup must never fail a check
+        return [], []
+    cells_of = getattr(implementation, "cells_of", None)
+    if callable(cells_of) and any(s.cell is not None for s in spans):
+        running = set(cells_of(exercise))
+        return [s for s in spans if s.cell in running], [s for s in spans if s.cell not in running]
+    return spans, []
+
+
+def function_span(fn: Callable[..., Any]) -> list[SourceSpan]:
+    """The source of one function as a span (empty when Python cannot find it).
+
+    Example::
+
+        function_span(backward_lines.backward_probs)[0].first_line   # its ``def`` line in the file
+    """
+    try:
+        lines, first = inspect.getsourcelines(fn)
+        file = inspect.getsourcefile(fn)
+    except (OSError, TypeError):
+        return []
+    return [SourceSpan(textwrap.dedent("".join(lines)), display_path(file) if file else None, None, max(first, 1))]
 
 
 def parse_span(span: SourceSpan) -> ast.Module | None:
@@ -191,4 +228,5 @@ def names_read(spans: Iterable[SourceSpan]) -> set[str]:
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
 
 
-__all__ = ["FLOAT_FACTORIES", "Found", "bare_squeezes", "find_numbers", "float32_makers", "names_read", "parse_span"]
+__all__ = ["FLOAT_FACTORIES", "Found", "bare_squeezes", "find_numbers", "float32_makers", "function_span", "names_read",
+           "parse_span", "spans_for"]
