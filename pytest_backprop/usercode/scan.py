@@ -18,13 +18,18 @@ import ast
 import inspect
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Collection, Iterable, Iterator
+
+from reference_model.model import CONSTANTS, GRADIENT_ORDER, Config
 
 from ..verdict import Location
 from .base import SourceSpan, display_path
 
 _NOTEBOOK_ONLY = re.compile(r"^\s*[!%]|\?\s*$")
+#: Names the kit puts into every namespace (n, Xb, Yb, the forward tensors, ``batch_size``, ...): an
+#: earlier cell's ``batch_size = 32`` never reaches the user's code, so it is no hard-coded size.
+SUPPLIED = frozenset({*CONSTANTS, *GRADIENT_ORDER, *(f.name for f in fields(Config))})
 #: torch functions that create a tensor in the default dtype (float32) unless given ``dtype=``.
 FLOAT_FACTORIES = frozenset({"zeros", "ones", "empty", "full", "rand", "randn", "eye", "linspace", "tensor"})
 
@@ -61,10 +66,17 @@ def spans_for(implementation: Any, exercise: str) -> tuple[list[SourceSpan], lis
     except Exception:  # noqa: BLE001 -- a hint's source lookup must never fail a check
         return [], []
     cells_of = getattr(implementation, "cells_of", None)
-    if callable(cells_of) and any(s.cell is not None for s in spans):
-        running = set(cells_of(exercise))
-        return [s for s in spans if s.cell in running], [s for s in spans if s.cell not in running]
-    return spans, []
+    if not callable(cells_of):
+        return spans, []
+    running = set(cells_of(exercise))
+    cells = getattr(implementation, "cells", None)
+    if any(s.cell is None for s in spans):  # a script split by ``# %%``: its spans follow its cells
+        if not isinstance(cells, list) or len(cells) != len(spans):
+            return spans, []
+        keep = [getattr(c, "index", None) in running for c in cells]
+    else:
+        keep = [s.cell in running for s in spans]
+    return [s for s, k in zip(spans, keep) if k], [s for s, k in zip(spans, keep) if not k]
 
 
 def function_span(fn: Callable[..., Any]) -> list[SourceSpan]:
@@ -121,7 +133,8 @@ def find_numbers(spans: Iterable[SourceSpan], values: Collection[float], *,
                  context: Iterable[SourceSpan] = ()) -> list[Found]:
     """Every numeric literal equal to one of ``values`` (``32`` and ``32.0`` alike) in ``spans``, one
     per line and value, in source order; and in ``context`` (code that does not run, e.g. a
-    notebook's other cells) the assignments ``NAME = <value>`` of names that ``spans`` read.
+    notebook's other cells) the assignments ``NAME = <value>`` of names that ``spans`` read (not
+    the names the kit supplies itself, :data:`SUPPLIED`).
 
     Example::
 
@@ -139,7 +152,7 @@ def find_numbers(spans: Iterable[SourceSpan], values: Collection[float], *,
                 continue
             seen.add((node.lineno, float(value)))
             found.append(Found(value, span.location(node.lineno)))
-    read = names_read(spans)
+    read = names_read(spans) - SUPPLIED
     for span, tree in _trees(context):
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
