@@ -3,7 +3,9 @@
 A backward that passes at the lecture's sizes can still be wrong: a hard-coded 32, 27 or 10, a sum
 over the wrong dim that works for square shapes, a keepdim that only matters when a size is 1.
 Each property runs the user's code on generated cases (float64), compares every answer with
-autograd, and on failure reports the smallest failing case hypothesis shrinks to.
+autograd, and on failure reports the smallest failing case hypothesis shrinks to. When the lecture's
+sizes pass, the cause of a generated failure is measured before it is named
+(:func:`explain_failure`, :mod:`pytest_backprop.properties.explain`).
 
 - :func:`whole_backward`: Exercise 1 (or any exercise) through ``implementation.run``;
 - :func:`line_property`: one ``backward_<output>`` function with random upstream gradients;
@@ -277,7 +279,8 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
     """Run ``implementation`` on generated cases; a :class:`Verdict` for the whole backward.
 
     ``lecture_passed`` says the lecture's problem passes (the ``backprop::ex1`` items): then a
-    generated failure is ``hardcoded_shape``, with the size that broke it. ``lecture_failures``
+    generated failure gets its cause measured (:func:`explain_failure`: ``precision``,
+    ``hardcoded_shape`` with the literal quoted, ``size_one``, ``size_specific``). ``lecture_failures``
     names the gradients that already fail at the lecture's sizes: they are left to their own items
     (not counted twice) and the rest is treated as passing there. With ``broadcast`` the
     parameters also come in every :func:`~pytest_backprop.strategies.param_patterns` pattern, and a
@@ -286,7 +289,7 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
     Example::
 
         v = whole_backward(load_implementation("student.py", Path(".")), examples=10, lecture_passed=True)
-        v.diagnosis.message   # 'passes at n=32, fails at n=2: is 32 written into your code? ...'
+        v.diagnosis.message   # 'passes at n=32, fails at n=2: 32 is written into your code: `...` (student.py:8); ...'
     """
     search = search or Search(examples=examples if examples is not None else DEFAULT_EXAMPLES)
     lecture = lecture or Config()
@@ -374,7 +377,7 @@ def explain_failure(inner: Verdict, subject: str, lecture: Config, failing: Conf
             where = f"; your code makes float32 tensors: {quote(makers)}" if makers else ""
             message = (f"passes the lecture's check in float32 but fails in float64 at the lecture's sizes "
                        f"({describe_config(lecture)}): [{at_lecture.diagnosis.code}] {at_lecture.diagnosis.message}"
-                       f"{where}; create new tensors with *_like(...) or dtype=x.dtype")
+                       f"{where}; keep the inputs' dtype (*_like(...), dtype=x.dtype, no .float())")
             return Explained(at_lecture, at_lecture.diagnosis.code, message, {"config": describe_config(lecture)}, True)
         # float32 tensors fail the lecture's sizes in float64 and pass with float64 defaults: fold that in
         float64_default, note, extra = True, "; " + float32_note(spans), {"float32": True}
