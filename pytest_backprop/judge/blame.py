@@ -126,24 +126,26 @@ def _lookup_line(tensor: str) -> Line | None:
     return next((ln for ln in consumers(tensor) if "Xb" in ln.constants), None)
 
 
-def _lookup_upstream(line: Line, actual: torch.Tensor, upstream: torch.Tensor, problem: Problem) -> torch.Tensor | None:
-    """The upstream gradient of a lookup line as (n, block, width), or None when it does not fit."""
+def _lookup(tensor: str, actual: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor,
+            problem: Problem) -> tuple[Line, torch.Tensor] | None:
+    """The lookup line reading ``tensor`` and its upstream gradient as (n, block, width), or None
+    when there is no such line or the shapes do not fit."""
+    line = _lookup_line(tensor)
     Xb = problem.Xb
-    if actual.dim() != 2 or upstream.shape[:2] != Xb.shape or upstream[0, 0].numel() != actual.shape[1]:
+    if (line is None or actual.shape != target.shape or actual.dim() != 2 or upstream.shape[:2] != Xb.shape
+            or upstream[0, 0].numel() != actual.shape[1]):
         return None
-    return upstream.detach().double().reshape(*Xb.shape, actual.shape[1])
+    return line, upstream.detach().double().reshape(*Xb.shape, actual.shape[1])
 
 
 def _repeated_rows_hint(tensor: str, actual: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor, atol: float,
                         problem: Problem) -> Diagnosis | None:
     """``C[Xb]`` reads some rows of C several times; an answer wrong only on those rows, where each
     wrong row holds exactly one occurrence's contribution, forgot ``+=`` (checked row by row)."""
-    line = _lookup_line(tensor)
-    if line is None or actual.shape != target.shape:
+    found = _lookup(tensor, actual, target, upstream, problem)
+    if found is None:
         return None
-    up = _lookup_upstream(line, actual, upstream, problem)
-    if up is None:
-        return None
+    line, up = found
     Xb = problem.Xb
     counts = torch.bincount(Xb.reshape(-1), minlength=actual.shape[0])
     repeated = counts > 1
@@ -174,12 +176,10 @@ def _loop_range_hint(tensor: str, actual: torch.Tensor, target: torch.Tensor, up
                      problem: Problem) -> Diagnosis | None:
     """A loop over Xb that skips its first or last batch rows (or context positions): the answer is
     the truth minus exactly those rows' contributions."""
-    line = _lookup_line(tensor)
-    if line is None or actual.shape != target.shape:
+    found = _lookup(tensor, actual, target, upstream, problem)
+    if found is None:
         return None
-    up = _lookup_upstream(line, actual, upstream, problem)
-    if up is None:
-        return None
+    line, up = found
     Xb = problem.Xb
     n, block = Xb.shape
     residual = target.detach().double() - actual.detach().double()

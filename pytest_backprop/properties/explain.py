@@ -167,6 +167,23 @@ def _locations(found: list[Found]) -> list[dict[str, Any]]:
     return [{"value": f.value, "location": f.location.describe(), "source": f.location.source} for f in found]
 
 
+def _written(spans: list[SourceSpan], context: list[SourceSpan], attrs: list[str],
+             lecture: Config) -> tuple[str, list[Found]] | None:
+    """``32 and 27 are written into your code: `...` (file:line); use n, ...`` and the hits, for the
+    numbers of the sizes ``attrs`` found in the source; None when none is there."""
+    named: dict[float, str] = {}
+    for attr in attrs:
+        for value, text in size_literals(attr, lecture).items():
+            named.setdefault(value, text)
+    found = find_numbers(spans, named, context=context) if named else []
+    if not found:
+        return None
+    values = [named[float(v)] for v in dict.fromkeys(float(f.value) for f in found)]
+    what = values[0] + " is" if len(values) == 1 else ", ".join(values[:-1]) + f" and {values[-1]} are"
+    return (f"{what} written into your code: {quote(found)}; use n, x.shape[...] or *_like(...) instead of the "
+            "number"), found
+
+
 def _head(findings: list[SizeFinding], failing: Config) -> str:
     return "; ".join(f"passes at {f.label}={f.lecture}, fails at {f.label}={getattr(failing, f.attr)}" for f in findings)
 
@@ -197,19 +214,11 @@ def explain_sizes(findings: list[SizeFinding], lecture: Config, failing: Config,
         sizes = "; ".join(f"passes at {f.label}={_values(sorted(f.passing, key=lambda v: v == f.lecture))}, fails only at "
                           f"{f.label}=1" for f in ones)
         return "size_one", f"{sizes}{where} {detail}", extra
-    literal_findings = [f for f in findings if f.pattern in ("all", "some")]
-    named: dict[float, str] = {}
-    for f in literal_findings:
-        for value, text in size_literals(f.attr, lecture).items():
-            named.setdefault(value, text)
-    found = find_numbers(spans, named, context=context) if named else []
-    if found:
-        values = [named[float(v)] for v in dict.fromkeys(float(f.value) for f in found)]
-        what = values[0] + " is" if len(values) == 1 else ", ".join(values[:-1]) + f" and {values[-1]} are"
+    written = _written(spans, context, [f.attr for f in findings if f.pattern in ("all", "some")], lecture)
+    if written is not None:
+        text, found = written
         extra["found"] = _locations(found)
-        message = (f"{_head(findings, failing)}: {what} written into your code: {quote(found)}; use n, "
-                   f"x.shape[...] or *_like(...) instead of the number {detail}")
-        return "hardcoded_shape", message, extra
+        return "hardcoded_shape", f"{_head(findings, failing)}: {text} {detail}", extra
     parts = []
     for f in findings:
         if f.pattern == "odd":
@@ -240,16 +249,10 @@ def explain_combined(lecture: Config, failing: Config, spans: list[SourceSpan], 
     sizes = lambda config: ", ".join(f"{label_of(a)}={getattr(config, a)}" for a in changed)  # noqa: E731
     head = (f"passes at the lecture's sizes ({sizes(lecture)}), fails at {sizes(failing)}, though no one of these "
             "sizes breaks it when changed alone")
-    named: dict[float, str] = {}
-    for attr in changed:
-        for value, text in size_literals(attr, lecture).items():
-            named.setdefault(value, text)
-    found = find_numbers(spans, named, context=context)
-    if found:
-        values = [named[float(v)] for v in dict.fromkeys(float(f.value) for f in found)]
-        what = values[0] + " is" if len(values) == 1 else ", ".join(values[:-1]) + f" and {values[-1]} are"
-        return "hardcoded_shape", (f"{head}: {what} written into your code: {quote(found)}; use n, x.shape[...] or "
-                                   f"*_like(...) instead of the number {detail}"), {"found": _locations(found)}
+    written = _written(spans, context, changed, lecture)
+    if written is not None:
+        text, found = written
+        return "hardcoded_shape", f"{head}: {text} {detail}", {"found": _locations(found)}
     return "size_specific", (f"{head}: it depends on several sizes together (square shapes, n == vocab_size?) "
                              f"{detail}"), {}
 
