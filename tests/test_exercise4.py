@@ -67,7 +67,7 @@ def test_gradient_wrong_at_step_0_is_inherited_from_exercise_1(tmp_path, words, 
     result = check(script(tmp_path, solution_with(edit_from, edit_to)), words, dataset)
     v = result.verdict
     assert v.status == "fail" and v.diagnosis.code == "inherited", v.diagnosis.message
-    assert v.diagnosis.message.startswith("inherited from Exercise 1: ")
+    assert v.diagnosis.message.startswith("inherited from Exercise 1's ")
     assert "diverged" not in v.diagnosis.message and "fix that first" in v.diagnosis.message
     assert f"d{parameter}" in v.diagnosis.message
     assert v.details["step"] == 0 and v.details["parameter"] == parameter and v.details["exercise"] == "ex1"
@@ -90,9 +90,8 @@ def test_db2_of_shape_1_27_names_the_exercise_1_verdict(tmp_path, words, dataset
         result = E4.sgd_check(impl, words, Config(), steps=8, dataset=dataset, exercise1=ex1)
     v = result.verdict
     assert (v.status, v.diagnosis.code) == ("fail", "inherited")
-    assert v.diagnosis.message == ("inherited from Exercise 1: db2 already fails there (first wrong gradient: db2 "
-                                   f"[{ex1['b2'].diagnosis.code}]): fix that first; training with a wrong gradient "
-                                   "cannot track autograd")
+    assert v.diagnosis.message == (f"inherited from Exercise 1's db2 [{ex1['b2'].diagnosis.code}]: db2 already fails "
+                                   "there; fix that first (training with a wrong gradient cannot track autograd)")
     assert v.details["inherited_from"] == "b2" and v.details["wrong"] == ["b2"]
 
 
@@ -107,7 +106,7 @@ def test_exercise_1_root_is_named_for_an_inherited_parameter(tmp_path, words, da
     with single_thread():
         v = E4.sgd_check(impl, words, Config(), steps=4, dataset=dataset, exercise1=ex1).verdict
     assert v.diagnosis.code == "inherited" and v.details["inherited_from"] == "bndiff2"
-    assert "first wrong gradient: dbndiff2 [scale]" in v.diagnosis.message
+    assert v.diagnosis.message.startswith("inherited from Exercise 1's dbndiff2 [scale]: ")
 
 
 def test_wrong_at_step_0_but_right_in_exercise_1_is_its_own_failure(tmp_path, words, dataset):
@@ -239,8 +238,8 @@ def test_plugin_end_to_end(pytester, tmp_path):
     plots = tmp_path / "plots"
     result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={student}", "--backprop-steps=3",
                                            f"--backprop-plots={plots}", "--backprop-examples=0", "-q")
-    result.stdout.fnmatch_lines(["*Exercise 4 ?inherited?: inherited from Exercise 1: *dW1* already fail there "
-                                 "(first wrong gradient: dbndiff2 ?scale?): fix that first*", "*ex4      sgd*FAIL*"])
+    result.stdout.fnmatch_lines(["*Exercise 4 ?inherited?: inherited from Exercise 1's dbndiff2 ?scale?: *dW1* already "
+                                 "fail there; fix that first*", "*ex4      sgd*FAIL*"])
     assert "diverged" not in result.stdout.str()
     assert (plots / "ex4_loss.png").is_file() and (plots / "ex4_step0_dW1.png").is_file()
     assert (plots / "ex1_dbndiff2.png").read_bytes()[:8] == PNG  # Exercise 1's failing gradients too

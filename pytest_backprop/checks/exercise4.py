@@ -246,14 +246,14 @@ def _wrong_at_start(first: Verdict, failing: dict[str, Any], exercise1: Mapping[
         root = v.details.get("inherited_from", v.tensor) if v.details else v.tensor
         root_code = exercise1[root].diagnosis.code if root in exercise1 else v.diagnosis.code
         details.update(inherited_from=root, exercise="ex1")
-        message = (f"inherited from Exercise 1: {names} already fail{'s' if len(failing) == 1 else ''} there "
-                   f"(first wrong gradient: d{root} "
-                   f"[{root_code}]): fix that first; training with a wrong gradient cannot track autograd")
+        message = (f"inherited from Exercise 1's d{root} [{root_code}]: {names} already "
+                   f"fail{'s' if len(failing) == 1 else ''} there; fix that first (training with a wrong gradient "
+                   "cannot track autograd)")
     else:
         details.update(inherited_from=first.tensor, exercise="ex1")
-        message = (f"inherited from Exercise 1: at step 0, Exercise 1's own batch and parameters, {names} are wrong "
-                   f"(d{first.tensor} [{first.diagnosis.code}]): fix that first; training with a wrong gradient "
-                   "cannot track autograd")
+        message = (f"inherited from Exercise 1's d{first.tensor} [{first.diagnosis.code}]: at step 0, Exercise 1's own "
+                   f"batch and parameters, {names} {'is' if len(failing) == 1 else 'are'} wrong; fix that first "
+                   "(training with a wrong gradient cannot track autograd)")
     return SgdResult(_verdict(FAIL, "inherited", message, details), losses, failing)
 
 

@@ -54,18 +54,9 @@ from ..judge.grade import first_wrong, verdicts_for_run
 from ..problems.instance import Problem, problem_from_batch
 from ..problems.noise import EPS64, FLOAT64_SLACK
 from ..problems.tolerance import Reference, attach, derive
-from ..usercode.scan import float32_makers, function_span, spans_for
+from ..usercode.scan import function_span, spans_for
 from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
-from .explain import (
-    SIZE_NAMES,
-    default_dtype,
-    explain_combined,
-    explain_float32,
-    explain_sizes,
-    float32_note,
-    quote,
-    size_findings,
-)
+from .explain import default_dtype, describe_config, explain_failure
 from .strategies import (
     LECTURE_PATTERN,
     Case,
@@ -208,16 +199,6 @@ def _failed(exercise: str, inner: Verdict, case: Any, message: str, code: str, s
                    numel=inner.numel, worst_index=inner.worst_index, line=inner.line, details=details)
 
 
-def describe_config(config: Config, keys: tuple[str, ...] | None = None) -> str:
-    """``n=2, vocab_size=3`` for the given size fields (default: all five).
-
-    Example::
-
-        describe_config(Config(), ("batch_size",))   # 'n=32'
-    """
-    return ", ".join(f"{label}={getattr(config, attr)}" for attr, label in SIZE_NAMES if keys is None or attr in keys)
-
-
 # --- whole backward ------------------------------------------------------------------------------
 
 def case_problem(case: Case) -> Problem:
@@ -333,66 +314,6 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
             return _explain_whole(implementation, exercise, case, inner, lecture, timeout, ignore, label, search,
                                   notes, extra)
     return _failed(label, inner, case, message, code, search, notes, extra)
-
-
-@dataclass
-class Explained:
-    """Why a generated case fails (see :mod:`pytest_backprop.properties.explain`): the verdict to show
-    (``inner``), its code, message and details; ``at_lecture`` when that verdict is the lecture's
-    sizes in float64 rather than the generated case."""
-
-    inner: Verdict
-    code: str
-    message: str
-    extra: dict[str, Any]
-    at_lecture: bool = False
-
-
-def explain_failure(inner: Verdict, subject: str, lecture: Config, failing: Config, spans: list[Any],
-                    context: list[Any], bad_case: Callable[[bool], Verdict | None],
-                    bad_at: Callable[[Config, bool], Verdict | None], *, values_vary: bool = True) -> Explained:
-    """Measure why a case at sizes ``failing`` fails when the lecture's sizes pass.
-
-    ``bad_case(float64_default)`` re-runs the failing case, ``bad_at(config, float64_default)`` the
-    same check at other sizes (lecture-like values); ``float64_default`` runs the user's code with
-    torch's default dtype float64. ``subject`` names what failed (``dlogprobs``, ``backward_h``).
-    ``values_vary``: the failing case has generated values, so "the sizes alone pass" is a finding.
-
-    Example::
-
-        e = explain_failure(inner, "dlogprobs", Config(), case.config, spans, [], lambda f: ..., lambda c, f: ...)
-        e.code, e.message   # ('hardcoded_shape', 'passes at n=32, fails at n=2: 32 is written into your code: ...')
-    """
-    if bad_case(True) is None:  # the user's float32 tensors are the whole story
-        probe = [] if bad_at(lecture, False) is not None else size_findings(
-            lecture, failing, lambda c: bad_at(c, False) is not None, attrs=("batch_size",))
-        pow2 = next((f for f in probe if f.pattern == "not_power_of_two"), None)
-        message, more = explain_float32(spans, inner, subject, powers_of_two=pow2)
-        return Explained(inner, "precision", message, more)
-    float64_default, note, extra = False, "", {}
-    at_lecture = bad_at(lecture, False)
-    if at_lecture is not None:
-        if bad_at(lecture, True) is not None:  # wrong in float64 at the lecture's own sizes, whatever dtype it creates
-            makers = float32_makers(spans)
-            where = f"; your code makes float32 tensors: {quote(makers)}" if makers else ""
-            message = (f"passes the lecture's check in float32 but fails in float64 at the lecture's sizes "
-                       f"({describe_config(lecture)}): [{at_lecture.diagnosis.code}] {at_lecture.diagnosis.message}"
-                       f"{where}; keep the inputs' dtype (*_like(...), dtype=x.dtype, no .float())")
-            return Explained(at_lecture, at_lecture.diagnosis.code, message, {"config": describe_config(lecture)}, True)
-        # float32 tensors fail the lecture's sizes in float64 and pass with float64 defaults: fold that in
-        float64_default, note, extra = True, "; " + float32_note(spans), {"float32": True}
-        inner = bad_case(True) or inner
-    detail = f"({subject}: {inner.diagnosis.message})"
-    findings = size_findings(lecture, failing, lambda c: bad_at(c, float64_default) is not None)
-    if not findings and values_vary and bad_at(failing, float64_default) is None:
-        message = (f"fails with the generated values, passes at the same sizes with the lecture's values: "
-                   f"{subject} [{inner.diagnosis.code}] {inner.diagnosis.message}")
-        return Explained(inner, inner.diagnosis.code, message + note, extra)
-    if findings:
-        code, message, more = explain_sizes(findings, lecture, failing, spans, context, detail)
-    else:
-        code, message, more = explain_combined(lecture, failing, spans, context, detail)
-    return Explained(inner, code, message + note, {**extra, **more})
 
 
 def _explain_whole(implementation: Any, exercise: str, case: Case, inner: Verdict, lecture: Config,
@@ -702,6 +623,6 @@ def batchnorm_property(implementation: Any, *, search: Search | None = None, exa
 
 __all__ = [
     "DEFAULT_EXAMPLES", "DTYPE", "PropertyFailed", "Search", "batchnorm_property", "case_problem", "case_values",
-    "cross_entropy_problem", "cross_entropy_property", "explain_failure", "line_cases", "line_property", "logits_cases",
+    "cross_entropy_problem", "cross_entropy_property", "line_cases", "line_property", "logits_cases",
     "whole_backward",
 ]
