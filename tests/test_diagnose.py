@@ -9,7 +9,7 @@ import torch
 from pytest_backprop.judge import blame
 from pytest_backprop.judge.asserts import assert_grad_matches
 from pytest_backprop.judge.compare import compare
-from pytest_backprop.judge.diagnose import close, diagnose, name_constant, value_hint
+from pytest_backprop.judge.diagnose import close, diagnose, factor_line, name_constant, value_hint
 from pytest_backprop.problems.instance import build_problem
 from reference_model.data import load_words
 
@@ -145,6 +145,30 @@ def test_name_constant():
     assert name_constant(99 / 100, None)[0] == "(n-1)/n"  # n inferred: 100
 
 
+@pytest.mark.parametrize("tensor, kind, line", [
+    ("logprobs", "mean", "loss = -logprobs[range(n), Yb].mean()"),
+    ("hprebn", "mean", "bnmeani = 1/n*hprebn.sum(0, keepdim=True)"),  # nearer than the loss
+    ("hprebn", "bessel", "bnvar = 1/(n-1)*(bndiff2).sum(0, keepdim=True)"),  # via bndiff, bndiff2
+    ("bndiff", "square", "bndiff2 = bndiff**2"),
+    ("logits", "bessel", None),  # no Bessel correction between logits and the loss
+    ("hprebn", "square", None),  # d(x**2)/dx belongs to the line reading x itself
+    ("x", "mean", None),  # not a tensor of the lecture
+])
+def test_factor_line_is_the_nearest_on_the_gradients_path(tensor, kind, line):
+    assert factor_line(tensor, kind) == line
+
+
+def test_name_constant_quotes_the_line_of_its_tensor():
+    assert name_constant(32 / 31, 32, tensor="logprobs")[1] == (
+        "1/(n-1) where the mean needs 1/n? (n = 32) (`loss = -logprobs[range(n), Yb].mean()`)")
+    assert name_constant(32, 32, tensor="hprebn")[1] == (
+        "a factor 1/n is missing (n = 32): the 1/n of the mean in `bnmeani = 1/n*hprebn.sum(0, keepdim=True)`")
+    assert name_constant(31 / 32, 32, tensor="probs")[1] == "a factor (n-1)/n (n = 32): n-1 and n mixed up?"
+    assert name_constant(0.5, 32, tensor="hpreact")[1] == "a factor 2 is missing"  # no x**2 at hpreact
+    assert "`bndiff2 = bndiff**2`" in name_constant(0.5, 32, tensor="bndiff")[1]
+    assert "sign is flipped" in name_constant(-32 / 31, 32, tensor="logprobs")[1]
+
+
 def test_close_rejects_nan_and_shape():
     a = torch.tensor([1.0, float("nan")])
     assert not close(a, a, 1.0)
@@ -160,7 +184,19 @@ def test_contributions_sum_to_the_truth(problem):
     assert torch.allclose(total.double(), problem.truth64.grads["counts"], atol=problem.tolerances["counts"].atol)
 
 
+def test_lost_branch_needs_exactly_the_noise_contribution(problem):
+    """dlogits holding only the max branch (~0) is lost_branch; zeros or a random small answer are not."""
+    parts = blame.contributions("logits", {}, problem, user=False)
+    noise = next(c for ln, c in parts if ln.output == "logit_maxes")
+    atol = problem.tolerances["logits"].atol
+    got = blame._lost_branch_hint("logits", noise.clone(), parts, atol)
+    assert got.code == "lost_branch" and "`norm_logits = logits - logit_maxes`" in got.message
+    assert blame._lost_branch_hint("logits", torch.zeros_like(noise), parts, atol) is None
+    assert blame._lost_branch_hint("logits", torch.full_like(noise, 1e-9), parts, atol) is None
+    assert blame._lost_branch_hint("logits", problem.grads["logits"].clone(), parts, atol) is None
+
+
 def test_reserved_codes_are_documented():
-    for code in ("reads_autograd", "aliased", "missing_branch", "inherited", "unreduced"):
+    for code in ("reads_autograd", "aliased", "missing_branch", "lost_branch", "loop_range", "inherited", "unreduced"):
         assert code in blame.CODES
         assert code in blame.__doc__

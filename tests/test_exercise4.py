@@ -62,13 +62,60 @@ def test_reference_module_tracks_autograd(words, dataset):
     ("db1 = dhprebn.sum(0)", "db1 = dhprebn.sum(0, keepdim=True)", "b1"),  # shape
     ("dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h", "W2"),           # transposed
 ])
-def test_wrong_gradient_diverges_at_step_0(tmp_path, words, dataset, edit_from, edit_to, parameter):
+def test_gradient_wrong_at_step_0_is_inherited_from_exercise_1(tmp_path, words, dataset, edit_from, edit_to, parameter):
+    """Step 0 is Exercise 1's own problem: a wrong gradient there is Exercise 1's failure, not a divergence."""
     result = check(script(tmp_path, solution_with(edit_from, edit_to)), words, dataset)
     v = result.verdict
-    assert v.status == "fail" and v.diagnosis.code == "diverged"
-    assert v.diagnosis.message.startswith(f"diverged at step 0 in {parameter}")
-    assert v.details["step"] == 0 and v.details["parameter"] == parameter and v.details["kind"] == "gradient"
+    assert v.status == "fail" and v.diagnosis.code == "inherited", v.diagnosis.message
+    assert v.diagnosis.message.startswith("inherited from Exercise 1's ")
+    assert "diverged" not in v.diagnosis.message and "fix that first" in v.diagnosis.message
+    assert f"d{parameter}" in v.diagnosis.message
+    assert v.details["step"] == 0 and v.details["parameter"] == parameter and v.details["exercise"] == "ex1"
     assert parameter in result.failing
+    assert len(result.losses["yours"]) == len(result.losses["autograd"]) == 1
+    assert abs(result.losses["yours"][0] - result.losses["autograd"][0]) < 1e-6  # nothing separated yet
+
+
+def test_db2_of_shape_1_27_names_the_exercise_1_verdict(tmp_path, words, dataset):
+    """db2 (1, 27) for b2 (27,): Exercise 1 fails it [keepdim]; Exercise 4 says so, once, instead of
+    updating b2 into a (1, 27) parameter and calling that a divergence."""
+    from pytest_backprop.judge.grade import verdicts_for_run
+    from pytest_backprop.problems.instance import build_problem
+
+    impl = script(tmp_path, solution_with("db2 = dlogits.sum(0)", "db2 = dlogits.sum(0, keepdim=True)"))
+    problem = build_problem(words)
+    ex1 = {v.tensor: v for v in verdicts_for_run("ex1", impl.run("ex1", problem, 10), problem)}
+    assert ex1["b2"].status == "fail"
+    with single_thread():
+        result = E4.sgd_check(impl, words, Config(), steps=8, dataset=dataset, exercise1=ex1)
+    v = result.verdict
+    assert (v.status, v.diagnosis.code) == ("fail", "inherited")
+    assert v.diagnosis.message == (f"inherited from Exercise 1's db2 [{ex1['b2'].diagnosis.code}]: db2 already fails "
+                                   "there; fix that first (training with a wrong gradient cannot track autograd)")
+    assert v.details["inherited_from"] == "b2" and v.details["wrong"] == ["b2"]
+
+
+def test_exercise_1_root_is_named_for_an_inherited_parameter(tmp_path, words, dataset):
+    """Bessel's 1/n: dW1 fails in Exercise 1 only as inherited from dbndiff2; Exercise 4 names dbndiff2."""
+    from pytest_backprop.judge.grade import verdicts_for_run
+    from pytest_backprop.problems.instance import build_problem
+
+    impl = script(tmp_path, solution_with("(1.0 / (n - 1))", "(1.0 / n)"))
+    problem = build_problem(words)
+    ex1 = {v.tensor: v for v in verdicts_for_run("ex1", impl.run("ex1", problem, 10), problem)}
+    with single_thread():
+        v = E4.sgd_check(impl, words, Config(), steps=4, dataset=dataset, exercise1=ex1).verdict
+    assert v.diagnosis.code == "inherited" and v.details["inherited_from"] == "bndiff2"
+    assert v.diagnosis.message.startswith("inherited from Exercise 1's dbndiff2 [scale]: ")
+
+
+def test_wrong_at_step_0_but_right_in_exercise_1_is_its_own_failure(tmp_path, words, dataset):
+    """When Exercise 1 passed (e.g. it ran in float64), a step-0 failure is not inherited from it."""
+    impl = script(tmp_path, solution_with("dW2 = h.T @ dlogits", "dW2 = dlogits.T @ h"))
+    with single_thread():
+        v = E4.sgd_check(impl, words, Config(), steps=3, dataset=dataset, exercise1={}).verdict
+    assert v.status == "fail" and v.diagnosis.code == "transposed"
+    assert "though Exercise 1 passes it" in v.diagnosis.message
 
 
 class LateBug(Implementation):
@@ -88,9 +135,33 @@ class LateBug(Implementation):
 def test_failure_names_the_step_and_parameter(words, dataset):
     inner = load_implementation(str(EXAMPLES / "ex1_solution.py"), EXAMPLES)
     result = check(LateBug(inner, 3), words, dataset)
+    assert result.verdict.diagnosis.code == "diverged"
     assert result.verdict.details["step"] == 3 and result.verdict.details["parameter"] == "W1"
     assert "diverged at step 3 in W1" in result.verdict.diagnosis.message
+    assert "right at every earlier step" in result.verdict.diagnosis.message
     assert len(result.losses["yours"]) == 4
+
+
+ACCUMULATING = """
+from reference_model.backward import backward as correct_backward
+
+seen = []
+
+def backward(cache):
+    grads = correct_backward(cache)
+    seen.append(grads["W1"])
+    grads["W1"] = sum(seen)  # accumulated across calls, like a .grad never zeroed
+    return grads
+"""
+
+
+def test_state_kept_between_steps_diverges_at_step_1(tmp_path, words, dataset):
+    """A module that keeps gradients between calls is right at step 0 (Exercise 1 passes) and diverges at 1."""
+    path = tmp_path / "accumulating.py"
+    path.write_text(ACCUMULATING)
+    v = check(load_implementation(str(path), tmp_path), words, dataset, steps=4).verdict
+    assert (v.status, v.diagnosis.code, v.details["step"], v.details["parameter"]) == ("fail", "diverged", 1, "W1")
+    assert v.diagnosis.message.startswith("diverged at step 1 in W1")
 
 
 def _params(value: float) -> dict[str, torch.Tensor]:
@@ -167,7 +238,9 @@ def test_plugin_end_to_end(pytester, tmp_path):
     plots = tmp_path / "plots"
     result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={student}", "--backprop-steps=3",
                                            f"--backprop-plots={plots}", "--backprop-examples=0", "-q")
-    result.stdout.fnmatch_lines(["*Exercise 4 ?diverged?: diverged at step 0 in W1*", "*ex4      sgd*FAIL*"])
+    result.stdout.fnmatch_lines(["*Exercise 4 ?inherited?: inherited from Exercise 1's dbndiff2 ?scale?: *dW1* already "
+                                 "fail there; fix that first*", "*ex4      sgd*FAIL*"])
+    assert "diverged" not in result.stdout.str()
     assert (plots / "ex4_loss.png").is_file() and (plots / "ex4_step0_dW1.png").is_file()
     assert (plots / "ex1_dbndiff2.png").read_bytes()[:8] == PNG  # Exercise 1's failing gradients too
     assert not (plots / "ex1_dbnvar.png").exists()  # a passing gradient gets no heatmap

@@ -65,6 +65,14 @@ MISTAKES = [
                  id="dC-forgot-plus-equals"),
     pytest.param(LOOP, "dC[Xb] += demb\nfor k in range(0):", "C", "missing_branch", "several times",
                  id="dC-advanced-indexing-plus-equals"),
+    pytest.param(LOOP, "for k in range(Xb.shape[0] - 1):", "C", "loop_range",
+                 "lacks exactly the contributions of batch row 31 (the last of 32) of Xb", id="dC-loop-stops-one-row-early"),
+    pytest.param(LOOP, "for k in range(1, Xb.shape[0]):", "C", "loop_range", "batch row 0 (the first of 32)",
+                 id="dC-loop-starts-at-1"),
+    pytest.param("for j in range(Xb.shape[1]):", "for j in range(Xb.shape[1] - 1):", "C", "loop_range",
+                 "context position 2 (the last of 3)", id="dC-inner-loop-stops-early"),
+    pytest.param(MAX_BRANCH, MAX_BRANCH.replace("dlogits +=", "dlogits ="), "logits", "lost_branch",
+                 "not the main one, through `norm_logits = logits - logit_maxes`", id="dlogits-max-branch-overwrites"),
     pytest.param("dhprebn = dbndiff.clone()", "dhprebn = dbndiff", "bndiff", "aliased", "dhprebn = dbndiff.clone()",
                  id="dhprebn-aliases-dbndiff"),
     pytest.param("(1.0 / (n - 1))", "(1.0 / n)", "bndiff2", "scale", "1/n where Bessel's correction needs 1/(n-1)",
@@ -73,7 +81,16 @@ MISTAKES = [
                  "n/(n-1)", id="mean-with-bessel"),
     pytest.param("(2 * bndiff)", "bndiff", "bndiff", "scale", "factor 2 is missing", id="square-factor-2-missing"),
     pytest.param("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0", "logprobs", "scale",
-                 "1/n is missing", id="logprobs-mean-forgotten"),
+                 "1/n is missing (n = 32): the 1/n of the mean in `loss = -logprobs[range(n), Yb].mean()`",
+                 id="logprobs-mean-forgotten"),
+    pytest.param("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / (n - 1)", "logprobs", "scale",
+                 "1/(n-1) where the mean needs 1/n? (n = 32) (`loss = -logprobs[range(n), Yb].mean()`)",
+                 id="logprobs-mean-with-bessel"),
+    pytest.param("dhprebn += 1.0 / n * (torch.ones_like(hprebn) * dbnmeani)",
+                 "dhprebn += (torch.ones_like(hprebn) * dbnmeani)", "hprebn", "scale",
+                 "the contribution through `bnmeani = 1/n*hprebn.sum(0, keepdim=True)` is n × what it should be: a "
+                 "factor 1/n is missing (n = 32): the 1/n of the mean in `bnmeani = 1/n*hprebn.sum(0, keepdim=True)`",
+                 id="hprebn-mean-1-over-n-forgotten"),
     pytest.param("dhpreact = (1.0 - h**2) * dh", "dhpreact = 2 * (1.0 - h**2) * dh", "hpreact", "scale", "2 ×",
                  id="tanh-extra-2"),
     pytest.param("dbnbias = dhpreact.sum(0, keepdim=True)", "dbnbias = dhpreact.sum(0)", "bnbias", "keepdim",
@@ -133,7 +150,54 @@ def test_mistake_is_blamed(run, edit_from, edit_to, blamed, code, words):
 def test_mistakes_cover_the_suite():
     assert len(MISTAKES) >= 25
     codes = {p.values[3] for p in MISTAKES}
-    assert {"missing_branch", "aliased", "scale", "sign", "keepdim", "unreduced", "transposed", "shape"} <= codes
+    assert {"missing_branch", "lost_branch", "loop_range", "aliased", "scale", "sign", "keepdim", "unreduced",
+            "transposed", "shape"} <= codes
+
+
+@pytest.mark.parametrize("edit_from, edit_to, blamed, quoted, not_quoted", [
+    pytest.param("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / (n - 1)", "logprobs",
+                 "loss = -logprobs", "bnmeani", id="logprobs-n-over-n-minus-1"),
+    pytest.param("dhprebn += 1.0 / n * (torch.ones_like(hprebn) * dbnmeani)",
+                 "dhprebn += (torch.ones_like(hprebn) * dbnmeani)", "hprebn", "bnmeani = 1/n", "loss =",
+                 id="hprebn-missing-1-over-n"),
+    pytest.param("(1.0 / (n - 1))", "(1.0 / n)", "bndiff2", "bnvar = 1/(n-1)", "bnmeani", id="bessel"),
+])
+def test_scale_hints_quote_the_line_of_their_factor(run, edit_from, edit_to, blamed, quoted, not_quoted):
+    """The line a scale hint quotes is the one on that gradient's path holding the factor, never a fixed one."""
+    wrong = first_wrong(run(solution_with(edit_from, edit_to))[0])
+    assert (wrong.tensor, wrong.diagnosis.code) == (blamed, "scale")
+    assert quoted in wrong.diagnosis.message and not_quoted not in wrong.diagnosis.message
+
+
+def test_a_scale_without_such_a_factor_on_the_path_claims_no_line(problem):
+    """dlogits (n-1)/n: there is no Bessel correction between logits and the loss, so no Bessel hint."""
+    from pytest_backprop.judge.compare import compare
+    from pytest_backprop.judge.diagnose import diagnose
+
+    hint = diagnose("logits", compare(problem.grads["logits"] * 31 / 32, problem.grads["logits"]), n=32)
+    assert hint.code == "scale" and "(n-1)/n" in hint.message
+    assert "Bessel" not in hint.message and "bnvar" not in hint.message
+
+
+def test_loop_stopping_early_is_never_a_forgotten_plus_equals(problem, tmp_path):
+    """Whatever the batch, a dC loop that skips the last row is loop_range, even when every row it
+    leaves wrong is one that Xb repeats (where a missing `+=` would show too)."""
+    import torch
+
+    from pytest_backprop.problems.instance import problem_from_batch
+    from reference_model.model import Config, params_only
+
+    config = Config(vocab_size=4, n_embd=3, n_hidden=5, block_size=3, batch_size=8)
+    g = torch.Generator().manual_seed(11)
+    Xb = torch.randint(0, 2, (8, 3), generator=g)  # two characters only: every row of C is repeated
+    Yb = torch.randint(0, 4, (8,), generator=g)
+    small = problem_from_batch(config, params_only(config), Xb, Yb)
+    path = tmp_path / "student.py"
+    path.write_text(solution_with(LOOP, "for k in range(Xb.shape[0] - 1):"))
+    verdicts = checks.verdicts_for_run("ex1", ScriptImplementation(path).run("ex1", small, timeout=None), small)
+    wrong = first_wrong(verdicts)
+    assert (wrong.tensor, wrong.diagnosis.code) == ("C", "loop_range")
+    assert "batch row 7 (the last of 8)" in wrong.diagnosis.message and "+=" not in wrong.diagnosis.message
 
 
 def test_inherited_chain_is_complete(run):
@@ -302,6 +366,10 @@ def small_problem():
     pytest.param("dhprebn = dbndiff.clone()", "dhprebn = dbndiff", "bndiff", "aliased", ".clone()", id="aliased"),
     pytest.param("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0", "logprobs", "scale",
                  "(n = 5)", id="mean-forgotten"),
+    pytest.param(LOOP, "for k in range(Xb.shape[0] - 1):", "C", "loop_range", "batch row 4 (the last of 5)",
+                 id="loop-stops-early"),
+    pytest.param(MAX_BRANCH, MAX_BRANCH.replace("dlogits +=", "dlogits ="), "logits", "lost_branch",
+                 "`norm_logits = logits - logit_maxes`", id="dlogits-overwritten"),
 ])
 def test_blame_on_other_sizes(small_problem, tmp_path, edit_from, edit_to, blamed, code, words):
     path = tmp_path / "student.py"

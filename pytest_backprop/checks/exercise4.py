@@ -20,7 +20,12 @@ PyTorch's own float32 error against a float64 truth"):
    those errors alike for all of them), so the allowance grows with the steps as PyTorch's own
    error does -- no fixed per-step constant to guess. At step 0 the parameters are identical.
 
-A failure names the first step and the parameter: "diverged at step 12 in W1".
+A failure names the first step and the parameter: "diverged at step 12 in W1". One mistake, one
+verdict: step 0 is Exercise 1's own problem (its batch, its parameters), so a parameter gradient
+wrong there is Exercise 1's failure, and this check is ``inherited`` from it (naming the Exercise 1
+verdict, e.g. ``db2`` of shape (1, 27)), not "diverged": the trajectories have not separated, both
+losses are still equal. "diverged" is kept for gradients that go wrong later (at parameters and
+batches Exercise 1 never sees) and for parameters that leave the truth's trajectory.
 
 Example (what ``pytest --backprop`` does)::
 
@@ -33,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pytest
 import torch
@@ -149,11 +154,14 @@ def lecture_batches(config: Config, Xtr: torch.Tensor, Ytr: torch.Tensor, steps:
 
 
 def sgd_check(implementation: Any, words: Words | None, config: Config, *, steps: int = 50, lr: float = LECTURE_LR,
-              timeout: float | None = None, dataset: Any = None, device: str = "cpu") -> SgdResult:
+              timeout: float | None = None, dataset: Any = None, device: str = "cpu",
+              exercise1: Mapping[str, Verdict] | None = None) -> SgdResult:
     """Run the Exercise 4 check (see the module docstring) and return its verdict and curves.
 
     ``implementation`` is a loaded :class:`~pytest_backprop.loaders.Implementation`; its ``ex1``
     answer is used. ``dataset`` (a :class:`~reference_model.data.Dataset`) saves rebuilding the split.
+    ``exercise1`` (Exercise 1's verdicts by tensor, as the kit has them) lets a failure at step 0
+    name the Exercise 1 verdict it is inherited from.
 
     Example::
 
@@ -198,12 +206,14 @@ def sgd_check(implementation: Any, words: Words | None, config: Config, *, steps
             if v.status != PASS:
                 failing[p] = (run.grads[p], problem.grads[p])
                 first = first or v
+        if first is not None and step == 0:
+            return _wrong_at_start(first, failing, exercise1, details, losses)
         if first is not None:
             div = Divergence(step, first.tensor, "gradient", first.maxdiff if first.maxdiff is not None else float("nan"),
                              first.atol or 0.0,
-                             f"diverged at step {step} in {first.tensor}: your d{first.tensor} at your parameters is not "
-                             f"autograd's ({first.diagnosis.message}); wrong at this step: "
-                             + ", ".join("d" + k for k in failing))
+                             f"diverged at step {step} in {first.tensor}: your d{first.tensor} at step {step}'s parameters "
+                             f"is not autograd's ({first.diagnosis.message}); right at every earlier step; wrong at this "
+                             "step: " + ", ".join("d" + k for k in failing))
             return _failed(div, details, losses, failing)
 
         with torch.no_grad():
@@ -217,6 +227,34 @@ def sgd_check(implementation: Any, words: Words | None, config: Config, *, steps
     message = (f"{steps} SGD steps (lr {lr}) with your gradients track autograd; loss {losses['yours'][0]:.4f} -> "
                f"{losses['yours'][-1]:.4f}" if steps else "0 steps: nothing to check")
     return SgdResult(_verdict(PASS, "ok", message, details), losses)
+
+
+def _wrong_at_start(first: Verdict, failing: dict[str, Any], exercise1: Mapping[str, Verdict] | None,
+                    details: dict[str, Any], losses: dict[str, list[float]]) -> SgdResult:
+    """A parameter gradient wrong at step 0, which is Exercise 1's problem: inherited from Exercise 1
+    (naming its verdict) when Exercise 1 fails it too or was not given; otherwise (Exercise 1 ran in
+    another dtype and passed) the check's own failure, said as what it is."""
+    names = ", ".join("d" + k for k in failing)
+    details.update(step=0, parameter=first.tensor, kind="gradient", wrong=list(failing))
+    known = {k: v for k, v in (exercise1 or {}).items() if k in failing and v.status in (FAIL, ERROR)}
+    if exercise1 is not None and not known:
+        message = (f"at SGD step 0 (Exercise 1's batch and parameters, float32) your d{first.tensor} is not "
+                   f"autograd's, though Exercise 1 passes it: [{first.diagnosis.code}] {first.diagnosis.message}")
+        return SgdResult(_verdict(FAIL, first.diagnosis.code, message, details), losses, failing)
+    if known:
+        v = known.get(first.tensor) or next(iter(known.values()))
+        root = v.details.get("inherited_from", v.tensor) if v.details else v.tensor
+        root_code = exercise1[root].diagnosis.code if root in exercise1 else v.diagnosis.code
+        details.update(inherited_from=root, exercise="ex1")
+        message = (f"inherited from Exercise 1's d{root} [{root_code}]: {names} already "
+                   f"fail{'s' if len(failing) == 1 else ''} there; fix that first (training with a wrong gradient "
+                   "cannot track autograd)")
+    else:
+        details.update(inherited_from=first.tensor, exercise="ex1")
+        message = (f"inherited from Exercise 1's d{first.tensor} [{first.diagnosis.code}]: at step 0, Exercise 1's own "
+                   f"batch and parameters, {names} {'is' if len(failing) == 1 else 'are'} wrong; fix that first "
+                   "(training with a wrong gradient cannot track autograd)")
+    return SgdResult(_verdict(FAIL, "inherited", message, details), losses, failing)
 
 
 def _failed(div: Divergence, details: dict[str, Any], losses: dict[str, list[float]], failing: dict) -> SgdResult:
@@ -281,9 +319,11 @@ def kit_sgd_result(kit: Any) -> SgdResult:
     else:
         from ..problems.device import single_thread
 
+        exercise1 = {v.tensor: v for v in kit.verdicts("ex1")}
         with single_thread():
             result = sgd_check(kit.implementation, problem.words, problem.config, steps=session_steps(kit),
-                               lr=LECTURE_LR, timeout=kit.settings.timeout, device=kit.option("device"))
+                               lr=LECTURE_LR, timeout=kit.settings.timeout, device=kit.option("device"),
+                               exercise1=exercise1)
     folder = kit.option("plots")
     if folder:
         try:

@@ -20,17 +20,22 @@ The rule, applied to every failing gradient in backward order:
 3. An own-fault gradient gets the most specific hint found, in this order:
    ``aliased`` (it shares storage with another gradient, the storage was modified in place, and
    it now holds that other gradient's right answer: ``dhprebn = dbndiff`` then ``dhprebn += ...``);
+   ``lost_branch`` (it holds only the contributions that are float noise, the max branch of
+   ``dlogits``, and none of the real one: ``dlogits = <max branch>`` where ``+=`` belongs);
    ``missing_branch`` (the answer is the sum of the contributions through a strict subset of the
-   consuming lines, or for ``C[Xb]`` keeps only one of the repeated rows); a per-branch
-   ``scale``/``sign`` (one line's contribution is c times what it should be, e.g. the missing 2 of
-   ``bndiff**2``); otherwise the single-comparison hint of
+   consuming lines); a per-branch ``scale``/``sign`` (one line's contribution is c times what it
+   should be, e.g. the missing 2 of ``bndiff**2``; the factor's meaning quotes the forward line it
+   belongs to); for ``C[Xb]``: ``loop_range`` (the answer lacks exactly the contributions of the
+   last or first batch rows or context positions: a loop that stops early) or ``missing_branch``
+   (each row of C that Xb reads several times holds one occurrence's contribution, not their sum);
+   otherwise the single-comparison hint of
    :func:`pytest_backprop.diagnose.diagnose` (``scale``, ``sign``, ``keepdim``, ...), except that
    an unexplained ``mismatch`` of a tensor bound to a second gradient name (``du = dt``, modified
    in place) is ``aliased`` too. A view that is legitimately shared (``demb = dembcat.view(...)``)
    is never blamed for aliasing unless it holds the other gradient's answer.
 
 All hint codes (the JSON ``diagnosis.code`` contract): ``ok``, ``scale``, ``sign``,
-``unreduced``, ``keepdim``, ``transposed``, ``missing_branch``, ``aliased``, ``nonfinite``,
+``unreduced``, ``keepdim``, ``transposed``, ``missing_branch``, ``lost_branch``, ``loop_range``, ``aliased``, ``nonfinite``,
 ``shape``, ``type``, ``exception``, ``timeout``, ``reads_autograd`` (set by the loaders when user
 code touches ``.grad``/``.backward()``/``torch.autograd``), ``inherited``, ``mismatch``,
 ``missing``. Contributions through a line that are below the gradient's tolerance (the max
@@ -48,11 +53,12 @@ from reference_model.model import GRADIENT_ORDER, Line, consumers, line_vjp
 
 from ..problems.instance import Problem
 from ..verdict import FAIL, Diagnosis, Verdict
-from .diagnose import close, name_constant, value_hint
+from .diagnose import close, name_constant, significant, value_hint
 
 CODES: tuple[str, ...] = (
-    "ok", "scale", "sign", "unreduced", "keepdim", "transposed", "missing_branch", "aliased", "nonfinite",
-    "shape", "type", "exception", "timeout", "reads_autograd", "inherited", "mismatch", "missing",
+    "ok", "scale", "sign", "unreduced", "keepdim", "transposed", "missing_branch", "lost_branch", "loop_range",
+    "aliased", "nonfinite", "shape", "type", "exception", "timeout", "reads_autograd", "inherited", "mismatch",
+    "missing",
 )
 
 
@@ -115,27 +121,130 @@ def _aliased_hint(tensor: str, other: str) -> Diagnosis:
                                 f"Write `d{second} = d{first}.clone()`")
 
 
-def _repeated_rows_hint(tensor: str, actual: torch.Tensor, target: torch.Tensor, atol: float,
-                        problem: Problem) -> Diagnosis | None:
-    """``C[Xb]`` reads some rows of C several times; an answer wrong only on those rows forgot ``+=``."""
-    line = next((ln for ln in consumers(tensor) if "Xb" in ln.constants), None)
-    if line is None or actual.dim() != 2 or actual.shape != target.shape:
+def _lookup_line(tensor: str) -> Line | None:
+    """The line that reads ``tensor`` through ``Xb`` (``emb = C[Xb]``): its gradient is a loop over Xb."""
+    return next((ln for ln in consumers(tensor) if "Xb" in ln.constants), None)
+
+
+def _lookup(tensor: str, actual: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor,
+            problem: Problem) -> tuple[Line, torch.Tensor] | None:
+    """The lookup line reading ``tensor`` and its upstream gradient as (n, block, width), or None
+    when there is no such line or the shapes do not fit."""
+    line = _lookup_line(tensor)
+    Xb = problem.Xb
+    if (line is None or actual.shape != target.shape or actual.dim() != 2 or upstream.shape[:2] != Xb.shape
+            or upstream[0, 0].numel() != actual.shape[1]):
         return None
-    counts = torch.bincount(problem.Xb.reshape(-1), minlength=actual.shape[0])
+    return line, upstream.detach().double().reshape(*Xb.shape, actual.shape[1])
+
+
+def _repeated_rows_hint(tensor: str, actual: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor, atol: float,
+                        problem: Problem) -> Diagnosis | None:
+    """``C[Xb]`` reads some rows of C several times; an answer wrong only on those rows, where each
+    wrong row holds exactly one occurrence's contribution, forgot ``+=`` (checked row by row)."""
+    found = _lookup(tensor, actual, target, upstream, problem)
+    if found is None:
+        return None
+    line, up = found
+    Xb = problem.Xb
+    counts = torch.bincount(Xb.reshape(-1), minlength=actual.shape[0])
     repeated = counts > 1
     wrong = ((actual.double() - target.double()).abs() > atol).any(dim=1)
     if not bool(wrong.any()) or bool((wrong & ~repeated).any()):
         return None
+    for row in torch.nonzero(wrong).flatten().tolist():
+        occurrences = up[Xb == row]  # (count, width): one contribution per occurrence
+        if not any(close(actual[row], c, atol) for c in occurrences):
+            return None
     return Diagnosis("missing_branch", f"d{tensor} is wrong only on rows that `{line.source}` reads several times "
-                                       f"({int(repeated.sum())} rows of {tensor} appear more than once in Xb): "
+                                       f"({int(repeated.sum())} rows of {tensor} appear more than once in Xb), and "
+                                       "each of those holds one occurrence's contribution instead of their sum: "
                                        f"accumulate every occurrence, `d{tensor}[ix] += d{line.output}[k, j]` in the "
                                        f"loop (or index_add_); `d{tensor}[ix] = ...` and `d{tensor}[Xb] += ...` keep "
                                        "only one of them. Did you forget `+=`?")
 
 
+def _span(indices: list[int], total: int, what: str) -> str:
+    """``batch row 31 (the last of 32)`` or ``batch rows 0-2 (the first 3 of 32)``."""
+    end = "last" if indices[-1] == total - 1 else "first"
+    if len(indices) == 1:
+        return f"{what} {indices[0]} (the {end} of {total})"
+    return f"{what}s {indices[0]}-{indices[-1]} (the {end} {len(indices)} of {total})"
+
+
+def _loop_range_hint(tensor: str, actual: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor, atol: float,
+                     problem: Problem) -> Diagnosis | None:
+    """A loop over Xb that skips its first or last batch rows (or context positions): the answer is
+    the truth minus exactly those rows' contributions."""
+    found = _lookup(tensor, actual, target, upstream, problem)
+    if found is None:
+        return None
+    line, up = found
+    Xb = problem.Xb
+    n, block = Xb.shape
+    residual = target.detach().double() - actual.detach().double()
+    if close(residual, torch.zeros_like(residual), atol):
+        return None
+
+    def part(k: int | None, j: int | None) -> torch.Tensor:
+        rows = Xb[k] if j is None else (Xb[:, j] if k is None else Xb[k, j].reshape(1))
+        values = up[k] if j is None else (up[:, j] if k is None else up[k, j].reshape(1, -1))
+        return torch.zeros_like(residual).index_add_(0, rows.reshape(-1), values.reshape(-1, residual.shape[1]))
+
+    for what, total, contribution, fix in (
+            ("batch row", n, lambda k: part(k, None), "range(Xb.shape[0])"),
+            ("context position", block, lambda j: part(None, j), "range(Xb.shape[1])")):
+        if total < 2:
+            continue
+        parts = [contribution(i) for i in range(total)]
+        for order in (list(range(total - 1, 0, -1)), list(range(total - 1))):  # the last ones, then the first ones
+            missing = torch.zeros_like(residual)
+            for count, i in enumerate(order, start=1):
+                missing = missing + parts[i]
+                if close(missing, residual, atol):
+                    skipped = sorted(order[:count])
+                    how = "stops early" if skipped[-1] == total - 1 else "starts late"
+                    return Diagnosis("loop_range", f"d{tensor} lacks exactly the contributions of "
+                                                   f"{_span(skipped, total, what)} of Xb (through `{line.source}`); "
+                                                   f"every other {what} is right: your loop over the {what}s {how}. "
+                                                   f"Loop over `{fix}` (all {total} of them)")
+    return None
+
+
+def _lost_branch_hint(tensor: str, actual: torch.Tensor, parts: list[tuple[Line, torch.Tensor]],
+                      atol: float) -> Diagnosis | None:
+    """The answer holds only the contributions that are float noise (the max branch of ``dlogits``)
+    and none of the real ones: ``d<t> = <noise branch>`` overwrote the main branch (``=`` for ``+=``).
+
+    Checked: the answer is within the tolerance of the noise contributions, it is zero wherever
+    they are zero (so it is not a plain zero or random answer), and the lost ones are not noise."""
+    parts = [(ln, c.detach().double()) for ln, c in parts if c.shape == actual.shape]
+    noise = [(ln, c) for ln, c in parts if float(c.abs().max()) <= atol]
+    main = [(ln, c) for ln, c in parts if float(c.abs().max()) > atol]
+    if not noise or not main:
+        return None
+    kept = sum((c for _, c in noise[1:]), noise[0][1])
+    lost = sum((c for _, c in main[1:]), main[0][1])
+    mine = actual.detach().double()
+    if not bool(mine.any()) or bool((mine[kept == 0] != 0).any()) or not close(mine, kept, atol):
+        return None
+    if not close(lost, torch.zeros_like(lost), atol) and significant(lost, atol):
+        kept_lines = " and ".join(f"`{ln.source}`" for ln, _ in noise)
+        lost_lines = " and ".join(f"`{ln.source}`" for ln, _ in main)
+        upstream = ", ".join(f"d{ln.output}" for ln, _ in noise)
+        return Diagnosis("lost_branch", f"d{tensor} holds only the contribution through {kept_lines}, which is ~0 "
+                                        f"({upstream} is float noise), and not the main one, through {lost_lines}: a "
+                                        f"`d{tensor} = ...` where `d{tensor} += ...` belongs overwrote it (keep the "
+                                        "first contribution and add the second)")
+    return None
+
+
 def _branch_hint(tensor: str, actual: torch.Tensor, parts: list[tuple[Line, torch.Tensor]], atol: float,
                  n: int) -> Diagnosis | None:
     """Fit the answer as a weighted sum of the consuming lines' contributions and name what is off."""
+    lost = _lost_branch_hint(tensor, actual, parts, atol)
+    if lost is not None:
+        return lost
     parts = [(ln, c) for ln, c in parts if c.shape == actual.shape and float(c.abs().max()) > atol]
     if len(parts) < 2 or actual.numel() < 4 * len(parts):  # too few numbers for a meaningful fit
         return None
@@ -159,7 +268,7 @@ def _branch_hint(tensor: str, actual: torch.Tensor, parts: list[tuple[Line, torc
                                            f"used in {missing}: did you forget `+=`?")
     if len(others) == 1 and ones and not zeros:
         ln, w = others[0]
-        named = name_constant(w, n)
+        named = name_constant(w, n, tensor=tensor, through=ln)
         if named is not None and named[0] == "-1":
             return Diagnosis("sign", f"d{tensor}: the contribution through `{ln.source}` has the wrong sign "
                                      "(a minus sign is missing or extra); the other line(s) are right")
@@ -179,8 +288,12 @@ def _own_fault(tensor: str, verdict: Verdict, actual: Any, target: torch.Tensor,
         return verdict.diagnosis
     atol = problem.tolerances[tensor].atol
     actual = actual.detach()
-    hint = (_repeated_rows_hint(tensor, actual, target, atol, problem)
-            or _branch_hint(tensor, actual, parts, atol, problem.n))
+    hint = _branch_hint(tensor, actual, parts, atol, problem.n)
+    lookup = _lookup_line(tensor)
+    if hint is None and lookup is not None:
+        upstream = _upstream_grad(lookup, grads, problem, user=given_upstream)
+        hint = (_loop_range_hint(tensor, actual, target, upstream, atol, problem)
+                or _repeated_rows_hint(tensor, actual, target, upstream, atol, problem))
     if hint is not None:
         return hint
     if alias is not None and verdict.diagnosis.code == "mismatch":

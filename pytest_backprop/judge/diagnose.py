@@ -13,13 +13,15 @@
 - ``nonfinite``: NaN or inf where the truth is finite;
 - ``sign``: the answer is -1 times the truth;
 - ``scale``: the answer is c times the truth, with c named when it is n, 1/n, n/(n-1), (n-1)/n,
-  n-1, 1/(n-1), 2 or 1/2 ("1/n where Bessel's correction needs 1/(n-1)?");
+  n-1, 1/(n-1), 2 or 1/2 ("1/n where Bessel's correction needs 1/(n-1)?"), quoting the forward
+  line on the gradient's path that the factor belongs to (:func:`factor_line`: ``dlogprobs`` off
+  by n/(n-1) points at the loss's mean, ``dhprebn`` missing 1/n at ``bnmeani = 1/n*...``);
 - ``mismatch``: none of the above.
 
 Scale and sign are only looked for where the truth is clearly not noise (its largest magnitude
 is at least :data:`SIGNIFICANT` times the tolerance), so ``db1`` (true value 0) and
 ``dlogit_maxes`` (true value ~1e-9) never get a scale hint. Blame across gradients
-(``inherited``), per-line hints (``missing_branch``) and ``aliased`` are added by
+(``inherited``), per-line hints (``missing_branch``, ``lost_branch``, ``loop_range``) and ``aliased`` are added by
 :mod:`pytest_backprop.judge.blame`; ``exception``, ``timeout`` and ``missing`` come from the run itself,
 and ``reads_autograd`` from the loaders.
 """
@@ -88,14 +90,62 @@ def _infer_integer(c: float) -> int | None:
     return None
 
 
-def name_constant(c: float, n: int | None) -> tuple[str, str] | None:
-    """Name a factor ``c`` between an answer and its truth: (label, what it usually means).
+#: Where each named factor comes from in a forward pass: a mean's 1/n, Bessel's 1/(n-1), the 2 of x**2.
+FACTOR_KIND = {"n": "mean", "1/n": "mean", "n/(n-1)": "mean", "(n-1)/n": "bessel", "n-1": "bessel",
+               "1/(n-1)": "bessel", "2": "square", "1/2": "square"}
+#: The lecture's line for each kind of factor, quoted when a hint does not know which gradient it is about.
+LECTURE_FACTOR_LINES = {"mean": "loss = -logprobs[range(n), Yb].mean()",
+                        "bessel": "bnvar = 1/(n-1)*(bndiff2).sum(0, keepdim=True)", "square": "bndiff2 = bndiff**2"}
 
-    ``n`` is the batch size; when it is None it is inferred from ``c`` itself.
+
+def _holds_factor(source: str, kind: str) -> bool:
+    rhs = source.split("=", 1)[-1].replace(" ", "")
+    if kind == "mean":
+        return "1/n" in rhs or ".mean()" in rhs
+    if kind == "bessel":
+        return "1/(n-1)" in rhs
+    return "**2" in rhs
+
+
+def factor_line(name: str | None, kind: str, *, through: Any = None) -> str | None:
+    """The forward line nearest to ``name`` on its gradient's path to the loss that holds a factor of
+    ``kind`` (``mean``: 1/n or ``.mean()``; ``bessel``: 1/(n-1); ``square``: ``**2``, only in the
+    lines that read ``name`` itself), or None. ``through`` (a line) starts the path there instead.
 
     Example::
 
-        name_constant(31 / 32, 32)   # ("(n-1)/n", "1/n where Bessel's correction needs 1/(n-1)?")
+        factor_line("logprobs", "mean")   # 'loss = -logprobs[range(n), Yb].mean()'
+        factor_line("hprebn", "mean")     # 'bnmeani = 1/n*hprebn.sum(0, keepdim=True)'
+        factor_line("logits", "bessel")   # None: no Bessel factor between logits and the loss
+    """
+    frontier = [through] if through is not None else list(_lines_reading(name)) if name else []
+    seen: set[str] = set()
+    while frontier:
+        for line in frontier:
+            if _holds_factor(line.source, kind):
+                return line.source
+        if kind == "square":  # d(x**2)/dx belongs to the step right at x
+            return None
+        seen.update(line.output for line in frontier)
+        frontier = [ln for line in frontier for ln in _lines_reading(line.output) if ln.output not in seen]
+    return None
+
+
+def name_constant(c: float, n: int | None, *, tensor: str | None = None, through: Any = None) -> tuple[str, str] | None:
+    """Name a factor ``c`` between an answer and its truth: (label, what it usually means).
+
+    ``n`` is the batch size; when it is None it is inferred from ``c`` itself. With ``tensor`` (and
+    optionally ``through``, one line reading it) the meaning quotes the forward line on that
+    gradient's path that the factor belongs to (:func:`factor_line`); when that path holds no
+    such factor (no Bessel correction between ``logits`` and the loss), the meaning says only what
+    the factor is.
+
+    Example::
+
+        name_constant(31 / 32, 32, tensor="bndiff2")[1]
+        # "1/n where Bessel's correction needs 1/(n-1)? (n = 32) (`bnvar = 1/(n-1)*(bndiff2).sum(0, keepdim=True)`)"
+        name_constant(32 / 31, 32, tensor="logprobs")[1]
+        # "1/(n-1) where the mean needs 1/n? (n = 32) (`loss = -logprobs[range(n), Yb].mean()`)"
     """
     if not math.isfinite(c) or c == 0:
         return None
@@ -104,30 +154,40 @@ def name_constant(c: float, n: int | None) -> tuple[str, str] | None:
     inferred = n is None
     if inferred:
         n = _infer_integer(m)
-    candidates: list[tuple[float, str, str]] = [
-        (2.0, "2", "an extra factor 2 (a branch counted twice, or the 2 of d(x**2)/dx = 2x applied twice?)"),
-        (0.5, "1/2", "a factor 2 is missing (d(x**2)/dx = 2x?)"),
+    located = tensor is not None or through is not None
+    # value, label, meaning ({line}: the forward line in backticks), meaning when the path has no such line
+    candidates: list[tuple[float, str, str, str]] = [
+        (2.0, "2", "an extra factor 2 (a branch counted twice, or the 2 of d(x**2)/dx = 2x in {line} applied twice?)",
+         "an extra factor 2 (a branch counted twice?)"),
+        (0.5, "1/2", "a factor 2 is missing (d(x**2)/dx = 2x, for {line}?)", "a factor 2 is missing"),
     ]
     if n is not None and n >= 2:
         nn = f" (n = {n}{'?' if inferred else ''})"
         candidates += [
-            (n, "n", f"a factor 1/n is missing{nn}: the loss is the mean over the batch, "
-                     "`loss = -logprobs[range(n), Yb].mean()`"),
-            (1 / n, "1/n", f"an extra factor 1/n{nn}: the mean's 1/n applied twice?"),
-            ((n - 1) / n, "(n-1)/n", f"1/n where Bessel's correction needs 1/(n-1)?{nn} "
-                                     "(`bnvar = 1/(n-1)*(bndiff2).sum(0, keepdim=True)`)"),
-            (n / (n - 1), "n/(n-1)", f"1/(n-1) where the mean needs 1/n?{nn} "
-                                     "(`bnmeani = 1/n*hprebn.sum(0, keepdim=True)`)"),
+            (n, "n", f"a factor 1/n is missing{nn}: the 1/n of the mean in {{line}}", f"a factor 1/n is missing{nn}"),
+            (1 / n, "1/n", f"an extra factor 1/n{nn}: the 1/n of the mean in {{line}} applied twice?",
+             f"an extra factor 1/n{nn}"),
+            ((n - 1) / n, "(n-1)/n", f"1/n where Bessel's correction needs 1/(n-1)?{nn} ({{line}})",
+             f"a factor (n-1)/n{nn}: n-1 and n mixed up?"),
+            (n / (n - 1), "n/(n-1)", f"1/(n-1) where the mean needs 1/n?{nn} ({{line}})",
+             f"a factor n/(n-1){nn}: n and n-1 mixed up?"),
         ]
         if n > 2:
             candidates += [
-                (n - 1, "n-1", f"the factor 1/(n-1) of Bessel's correction is missing{nn}"),
-                (1 / (n - 1), "1/(n-1)", f"an extra factor 1/(n-1){nn}: Bessel's correction applied twice?"),
+                (n - 1, "n-1", f"the factor 1/(n-1) of Bessel's correction is missing{nn} ({{line}})",
+                 f"a factor n-1{nn}: look for a wrong constant factor"),
+                (1 / (n - 1), "1/(n-1)", f"an extra factor 1/(n-1){nn}: Bessel's correction applied twice? ({{line}})",
+                 f"a factor 1/(n-1){nn}: look for a wrong constant factor"),
             ]
-    for value, label, meaning in candidates:
+    for value, label, meaning, plain in candidates:
         if abs(m - value) <= 1e-3 * value:
+            if located:
+                line = factor_line(tensor, FACTOR_KIND[label], through=through)
+                meaning = meaning.format(line=f"`{line}`") if line else plain
+            else:  # nothing says which gradient: the lecture's usual place for each factor
+                meaning = meaning.format(line=f"`{LECTURE_FACTOR_LINES[FACTOR_KIND[label]]}`")
             if sign < 0:
-                return f"-{label}", meaning + " And the sign is flipped too."
+                return f"-{label}", meaning + "; and the sign is flipped too"
             return label, meaning
     if sign < 0 and abs(m - 1) <= 1e-3:
         return "-1", "a minus sign is missing or extra"
@@ -175,7 +235,7 @@ def value_hint(name: str, actual: torch.Tensor, target: torch.Tensor, atol: floa
     c = fit_scale(actual, target, atol)
     if c is None or abs(c - 1) <= 1e-3:
         return None
-    named = name_constant(c, n)
+    named = name_constant(c, n, tensor=name)
     if named is not None and named[0] == "-1":
         return Diagnosis("sign", f"d{name} is -1 × {what}: a minus sign is missing or extra{_sign_where(name)}")
     if named is not None:

@@ -3,7 +3,9 @@
 A backward that passes at the lecture's sizes can still be wrong: a hard-coded 32, 27 or 10, a sum
 over the wrong dim that works for square shapes, a keepdim that only matters when a size is 1.
 Each property runs the user's code on generated cases (float64), compares every answer with
-autograd, and on failure reports the smallest failing case hypothesis shrinks to.
+autograd, and on failure reports the smallest failing case hypothesis shrinks to. When the lecture's
+sizes pass, the cause of a generated failure is measured before it is named
+(:func:`explain_failure`, :mod:`pytest_backprop.properties.explain`).
 
 - :func:`whole_backward`: Exercise 1 (or any exercise) through ``implementation.run``;
 - :func:`line_property`: one ``backward_<output>`` function with random upstream gradients;
@@ -52,7 +54,9 @@ from ..judge.grade import first_wrong, verdicts_for_run
 from ..problems.instance import Problem, problem_from_batch
 from ..problems.noise import EPS64, FLOAT64_SLACK
 from ..problems.tolerance import Reference, attach, derive
+from ..usercode.scan import function_span, spans_for
 from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
+from .explain import default_dtype, describe_config, explain_failure
 from .strategies import (
     LECTURE_PATTERN,
     Case,
@@ -71,8 +75,6 @@ DEFAULT_EXAMPLES = 6
 PARAM_REGIMES = ("lecture", "small", "saturated", "large_logits")
 #: Lines whose inputs include a parameter with a broadcasting pattern (the broadcast tier's per-line items).
 BROADCAST_LINES = ("hprebn", "hpreact", "logits")
-_SIZE_NAMES = (("batch_size", "n"), ("vocab_size", "vocab_size"), ("n_embd", "n_embd"), ("n_hidden", "n_hidden"),
-               ("block_size", "block_size"))
 
 
 class PropertyFailed(AssertionError):
@@ -197,48 +199,6 @@ def _failed(exercise: str, inner: Verdict, case: Any, message: str, code: str, s
                    numel=inner.numel, worst_index=inner.worst_index, line=inner.line, details=details)
 
 
-def describe_config(config: Config, keys: tuple[str, ...] | None = None) -> str:
-    """``n=2, vocab_size=3`` for the given size fields (default: all five).
-
-    Example::
-
-        describe_config(Config(), ("batch_size",))   # 'n=32'
-    """
-    return ", ".join(f"{label}={getattr(config, attr)}" for attr, label in _SIZE_NAMES if keys is None or attr in keys)
-
-
-def size_blame(lecture: Config, failing: Config, fails_at: Callable[[Config], bool]) -> tuple[str, str] | None:
-    """Which single size, changed from the lecture's to the failing case's, makes the check fail.
-
-    Returns (attribute, message) like ``("batch_size", "passes at n=32, fails at n=2: is 32 written
-    into your code?")``, or None when no single size does.
-
-    Example::
-
-        size_blame(Config(), Config(batch_size=2), lambda c: c.batch_size != 32)[0]   # 'batch_size'
-    """
-    for attr, label in _SIZE_NAMES:
-        old, new = getattr(lecture, attr), getattr(failing, attr)
-        if old == new:
-            continue
-        if fails_at(lecture.with_(**{attr: new})):
-            return attr, f"passes at {label}={old}, fails at {label}={new}: is {old} written into your code?"
-    return None
-
-
-def lecture_message(lecture: Config, failing: Config) -> str:
-    """The fallback hardcoded_shape message when no single size is to blame.
-
-    Example::
-
-        lecture_message(Config(), Config(batch_size=2, n_hidden=1))   # 'passes at ... (n=32, n_hidden=64), ...'
-    """
-    changed = tuple(attr for attr, _ in _SIZE_NAMES if getattr(lecture, attr) != getattr(failing, attr))
-    return (f"passes at the lecture's sizes ({describe_config(lecture, changed)}), fails at "
-            f"{describe_config(failing, changed)}: is a size written into your code? Use n, "
-            "x.shape[...] or *_like instead of numbers")
-
-
 # --- whole backward ------------------------------------------------------------------------------
 
 def case_problem(case: Case) -> Problem:
@@ -268,9 +228,15 @@ def _bad(verdicts: list[Verdict]) -> Verdict | None:
 
 
 def _run_case(implementation: Any, exercise: str, case: Case, timeout: float | None,
-              ignore: frozenset[str] = frozenset()) -> Verdict | None:
+              ignore: frozenset[str] = frozenset(), *, float64_default: bool = False) -> Verdict | None:
+    """The first wrong verdict of one case (None: all right); ``float64_default`` runs the user's code
+    with torch's default dtype float64, so the tensors it creates follow the case's precision."""
     problem = case_problem(case)
-    run = implementation.run(exercise, problem, timeout)
+    if float64_default:
+        with default_dtype(DTYPE):
+            run = implementation.run(exercise, problem, timeout)
+    else:
+        run = implementation.run(exercise, problem, timeout)
     return _bad([v for v in verdicts_for_run(exercise, run, problem) if v.tensor not in ignore])
 
 
@@ -294,7 +260,8 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
     """Run ``implementation`` on generated cases; a :class:`Verdict` for the whole backward.
 
     ``lecture_passed`` says the lecture's problem passes (the ``backprop::ex1`` items): then a
-    generated failure is ``hardcoded_shape``, with the size that broke it. ``lecture_failures``
+    generated failure gets its cause measured (:func:`explain_failure`: ``precision``,
+    ``hardcoded_shape`` with the literal quoted, ``size_one``, ``size_specific``). ``lecture_failures``
     names the gradients that already fail at the lecture's sizes: they are left to their own items
     (not counted twice) and the rest is treated as passing there. With ``broadcast`` the
     parameters also come in every :func:`~pytest_backprop.strategies.param_patterns` pattern, and a
@@ -303,7 +270,7 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
     Example::
 
         v = whole_backward(load_implementation("student.py", Path(".")), examples=10, lecture_passed=True)
-        v.diagnosis.message   # 'passes at n=32, fails at n=2: is 32 written into your code? ...'
+        v.diagnosis.message   # 'passes at n=32, fails at n=2: 32 is written into your code: `...` (student.py:8); ...'
     """
     search = search or Search(examples=examples if examples is not None else DEFAULT_EXAMPLES)
     lecture = lecture or Config()
@@ -344,22 +311,26 @@ def whole_backward(implementation: Any, exercise: str = "ex1", *, search: Search
                 extra["pattern"] = describe_pattern(case.pattern)
                 return _failed(label, inner, case, message, code, search, notes, extra)
         if lecture_passed:
-            at_lecture_sizes = _run_case(implementation, exercise, _fixed_case(lecture, case.pattern), timeout, ignore)
-            if at_lecture_sizes is not None:  # fine in the lecture's float32, wrong in float64 at its own sizes
-                code = at_lecture_sizes.diagnosis.code
-                message = (f"passes the lecture's check in float32 but fails in float64 at the same sizes: "
-                           f"d{at_lecture_sizes.tensor} [{code}] {at_lecture_sizes.diagnosis.message}; "
-                           "create new tensors with *_like(...) or dtype=x.dtype")
-                return _failed(label, at_lecture_sizes, case, message, code, search, notes, extra)
-            blame = size_blame(lecture, case.config, lambda c: _run_case(
-                implementation, exercise, _fixed_case(c, case.pattern), timeout, ignore) is not None)
-            code = "hardcoded_shape"
-            if blame is not None:
-                extra["size"] = blame[0]
-                message = f"{blame[1]} (d{inner.tensor}: {inner.diagnosis.message})"
-            else:
-                message = f"{lecture_message(lecture, case.config)} (d{inner.tensor}: {inner.diagnosis.message})"
+            return _explain_whole(implementation, exercise, case, inner, lecture, timeout, ignore, label, search,
+                                  notes, extra)
     return _failed(label, inner, case, message, code, search, notes, extra)
+
+
+def _explain_whole(implementation: Any, exercise: str, case: Case, inner: Verdict, lecture: Config,
+                   timeout: float | None, ignore: frozenset[str], label: str, search: Search, notes: str,
+                   extra: dict[str, Any]) -> Verdict:
+    """The verdict of a generated failure of a whole exercise that passes at the lecture's sizes."""
+    spans, context = spans_for(implementation, exercise)
+
+    def bad_at(config: Config, float64_default: bool) -> Verdict | None:
+        return _run_case(implementation, exercise, _fixed_case(config, case.pattern), timeout, ignore,
+                         float64_default=float64_default)
+
+    e = explain_failure(inner, f"d{inner.tensor}", lecture, case.config, spans, context,
+                        lambda f64: _run_case(implementation, exercise, case, timeout, ignore, float64_default=f64),
+                        bad_at)
+    shown = _fixed_case(lecture, case.pattern) if e.at_lecture else case
+    return _failed(label, e.inner, shown, e.message, e.code, search, notes, {**extra, **e.extra})
 
 
 @functools.lru_cache(maxsize=None)
@@ -483,14 +454,28 @@ def line_property(fn: Callable[..., Any], output: str, *, search: Search | None 
                 return _failed(label, inner, lc, message, code, search, notes, extra)
         if lecture_values is not None and lecture is not None and check_line(
                 fn, line, lecture_values, seed=lc.upstream_seed, timeout=timeout).passed:
-            blame = size_blame(lecture, case.config, lambda c: _check_line(
-                fn, line, LineCase(_fixed_case(c, case.pattern), lc.upstream_seed), timeout) is not None)
-            code = "hardcoded_shape"
-            head = blame[1] if blame else lecture_message(lecture, case.config)
-            if blame:
-                extra["size"] = blame[0]
-            message = f"{head} (backward_{output}: {inner.diagnosis.message})"
+            typed = _float64_default(fn)
+
+            def bad_at(config: Config, float64_default: bool) -> Verdict | None:
+                at = LineCase(_fixed_case(config, case.pattern), lc.upstream_seed)
+                return _check_line(typed if float64_default else fn, line, at, timeout)
+
+            e = explain_failure(inner, f"backward_{output}", lecture, case.config, function_span(fn), [],
+                                lambda f64: _check_line(typed if f64 else fn, line, lc, timeout), bad_at)
+            shown = LineCase(_fixed_case(lecture, case.pattern), lc.upstream_seed) if e.at_lecture else lc
+            return _failed(label, e.inner, shown, e.message, e.code, search, notes, {**extra, **e.extra})
     return _failed(label, inner, lc, message, code, search, notes, extra)
+
+
+def _float64_default(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with torch's default dtype float64 (same signature, so arguments are injected alike)."""
+
+    @functools.wraps(fn)
+    def typed(*args: Any, **kwargs: Any) -> Any:
+        with default_dtype(DTYPE):
+            return fn(*args, **kwargs)
+
+    return typed
 
 
 # --- Exercises 2 and 3 ---------------------------------------------------------------------------
@@ -570,9 +555,11 @@ def cross_entropy_property(implementation: Any, *, search: Search | None = None,
     """
     search = search or Search(examples=examples if examples is not None else DEFAULT_EXAMPLES)
 
-    def check(lc: LogitsCase) -> Verdict | None:
+    def check(lc: LogitsCase, float64_default: bool = False) -> Verdict | None:
         problem = cross_entropy_problem(lc)
-        return _bad(verdicts_for_run("ex2", implementation.run("ex2", problem, search.timeout), problem))
+        with default_dtype(DTYPE if float64_default else torch.get_default_dtype()):
+            run = implementation.run("ex2", problem, search.timeout)
+        return _bad(verdicts_for_run("ex2", run, problem))
 
     def test(lc: LogitsCase) -> None:
         bad = check(lc)
@@ -589,20 +576,33 @@ def cross_entropy_property(implementation: Any, *, search: Search | None = None,
     code = inner.diagnosis.code
     big = float(lc.logits.abs().max())
     message = f"fails at n={n}, vocab_size={vocab}, max |logit| {big:.4g} (smallest case found): {inner.diagnosis.message}"
+    extra: dict[str, Any] = {}
     if code == "nonfinite":
         message += ("; exp() of a large logit overflows: subtract each row's max first "
                     "(or use F.softmax), as the forward pass does")
-    elif lecture_passed and lc.regime != "lecture":
-        with single_thread():
-            tame = check(LogitsCase(lc.logits.clamp(-5, 5), lc.Yb, "lecture"))
-        if tame is None:
-            code = "overflow"
-            message += f"; it passes when the logits are small, so look at what large logits (|x| up to {big:.4g}) do"
     elif lecture_passed:
-        code = "hardcoded_shape"
-        message = (f"passes at the lecture's sizes, fails at n={n}, vocab_size={vocab}: is 32 or 27 written into "
-                   f"your code? ({inner.diagnosis.message})")
-    return _failed("prop-ex2", inner, lc, message, code, search, notes)
+        with single_thread():
+            tame = check(LogitsCase(lc.logits.clamp(-5, 5), lc.Yb, "lecture")) if lc.regime != "lecture" else inner
+            if tame is None:
+                code = "overflow"
+                message += f"; it passes when the logits are small, so look at what large logits (|x| up to {big:.4g}) do"
+            else:
+                lecture = Config()
+                spans, context = spans_for(implementation, "ex2")
+                e = explain_failure(inner, "dlogits", lecture, lecture.with_(batch_size=n, vocab_size=vocab), spans,
+                                    context, lambda f64: check(lc, f64),
+                                    lambda c, f64: check(_plain_logits(c.batch_size, c.vocab_size), f64))
+                if e.at_lecture:
+                    lc = _plain_logits(lecture.batch_size, lecture.vocab_size)
+                inner, code, message, extra = e.inner, e.code, e.message, e.extra
+    return _failed("prop-ex2", inner, lc, message, code, search, notes, extra)
+
+
+def _plain_logits(n: int, vocab: int) -> LogitsCase:
+    """Seeded lecture-sized logits (standard normal, float64) at given sizes, for probing sizes alone."""
+    g = torch.Generator().manual_seed(n * 1009 + vocab)
+    logits = torch.randn((n, vocab), generator=g, dtype=DTYPE)
+    return LogitsCase(logits, torch.randint(0, vocab, (n,), generator=g), "lecture")
 
 
 def batchnorm_property(implementation: Any, *, search: Search | None = None, examples: int | None = None,
@@ -623,6 +623,6 @@ def batchnorm_property(implementation: Any, *, search: Search | None = None, exa
 
 __all__ = [
     "DEFAULT_EXAMPLES", "DTYPE", "PropertyFailed", "Search", "batchnorm_property", "case_problem", "case_values",
-    "cross_entropy_problem", "cross_entropy_property", "line_cases", "line_property", "logits_cases", "size_blame",
+    "cross_entropy_problem", "cross_entropy_property", "line_cases", "line_property", "logits_cases",
     "whole_backward",
 ]
