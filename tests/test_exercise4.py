@@ -97,12 +97,12 @@ def test_db2_of_shape_1_27_names_the_exercise_1_verdict(tmp_path, words, dataset
 
 def test_exercise_1_root_is_named_for_an_inherited_parameter(tmp_path, words, dataset):
     """Bessel's 1/n: dW1 fails in Exercise 1 only as inherited from dbndiff2; Exercise 4 names dbndiff2."""
-    from pytest_backprop.judge.grade import verdicts_for_run
+    from pytest_backprop.checks.independent import grade_exercise
     from pytest_backprop.problems.instance import build_problem
 
     impl = script(tmp_path, solution_with("(1.0 / (n - 1))", "(1.0 / n)"))
     problem = build_problem(words)
-    ex1 = {v.tensor: v for v in verdicts_for_run("ex1", impl.run("ex1", problem, 10), problem)}
+    ex1 = {v.tensor: v for v in grade_exercise(impl, "ex1", problem, 10).verdicts}
     with single_thread():
         v = E4.sgd_check(impl, words, Config(), steps=4, dataset=dataset, exercise1=ex1).verdict
     assert v.diagnosis.code == "inherited" and v.details["inherited_from"] == "bndiff2"

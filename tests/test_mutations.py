@@ -194,7 +194,7 @@ def test_loop_stopping_early_is_never_a_forgotten_plus_equals(problem, tmp_path)
     small = problem_from_batch(config, params_only(config), Xb, Yb)
     path = tmp_path / "student.py"
     path.write_text(solution_with(LOOP, "for k in range(Xb.shape[0] - 1):"))
-    verdicts = checks.verdicts_for_run("ex1", ScriptImplementation(path).run("ex1", small, timeout=None), small)
+    verdicts = grade_exercise(ScriptImplementation(path), "ex1", small, None).verdicts
     wrong = first_wrong(verdicts)
     assert (wrong.tensor, wrong.diagnosis.code) == ("C", "loop_range")
     assert "batch row 7 (the last of 8)" in wrong.diagnosis.message and "+=" not in wrong.diagnosis.message
