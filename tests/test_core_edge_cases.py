@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import EXAMPLES, solution_with, write_script
 
+from pytest_backprop.checks.independent import grade_exercise
 from pytest_backprop.judge.compare import compare
 from pytest_backprop.judge.diagnose import diagnose
 from pytest_backprop.judge.grade import verdicts_for_run
@@ -22,8 +23,8 @@ def problem():
 def run(tmp_path, source, problem, timeout=None):
     path = tmp_path / "student.py"
     path.write_text(source)
-    result = ScriptImplementation(path).run("ex1", problem, timeout)
-    return result, {v.tensor: v for v in verdicts_for_run("ex1", result, problem)}
+    graded = grade_exercise(ScriptImplementation(path), "ex1", problem, timeout)  # as `pytest --backprop` grades
+    return graded.first, {v.tensor: v for v in graded.verdicts}
 
 
 def test_an_endless_loop_after_every_gradient_is_assigned_is_still_an_error(problem, tmp_path):
@@ -31,7 +32,8 @@ def test_an_endless_loop_after_every_gradient_is_assigned_is_still_an_error(prob
     result, verdicts = run(tmp_path, source, problem, timeout=1)
     assert result.error is not None and result.error.timeout
     assert verdicts["C"].status == "error" and verdicts["C"].diagnosis.code == "timeout"
-    assert "dC was probably left unfinished" in verdicts["C"].diagnosis.message
+    assert "still running after 1 s" in verdicts["C"].diagnosis.message  # the loop that never ends, at its line
+    assert verdicts["C"].location.source == "for k in range(Xb.shape[0]):"  # dC's own statement that never ran
     assert all(v.status == "pass" for name, v in verdicts.items() if name != "C")
 
 
@@ -39,8 +41,8 @@ def test_a_crash_after_correct_gradients_becomes_a_warning(problem, tmp_path):
     source = (EXAMPLES / "ex1_solution.py").read_text() + "\nraise RuntimeError('plotting failed')\n"
     result, verdicts = run(tmp_path, source, problem)
     assert all(v.status == "pass" for v in verdicts.values())
-    assert [w.code for w in result.warnings] == ["exception"]
-    assert "plotting failed" in result.warnings[0].message
+    assert [w.code for w in result.warnings] == ["statement_error"]  # the line that raised assigns no gradient
+    assert "plotting failed" in result.warnings[0].message and "raise RuntimeError" in result.warnings[0].message
 
 
 @pytest.mark.parametrize("actual_shape, expected_shape, fix", [
@@ -67,7 +69,7 @@ def test_code_that_cannot_load_keeps_the_same_items_and_says_so(pytester):
     script = write_script(pytester, "def broken(:\n")
     result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={script}", "-q")
     outcomes = result.parseoutcomes()
-    assert outcomes == {"failed": 1, "skipped": 27}  # as many items as a loadable script gets
+    assert outcomes == {"failed": 1, "skipped": 29}  # as many items as a loadable script gets (ex2, ex3 too)
     result.stdout.fnmatch_lines(["your code did not finish (ex1) [[]exception[]]:", "*invalid syntax*"])
     assert "look at: loss" not in result.stdout.str()
 
@@ -76,7 +78,7 @@ def test_timeout_skips_the_property_and_training_checks(pytester):
     source = solution_with("dC = torch.zeros_like(C)", "dC = torch.zeros_like(C)\nwhile True:\n    pass")
     script = write_script(pytester, source)
     result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={script}", "--backprop-timeout=1", "-rs")
-    result.assert_outcomes(passed=25, failed=1, skipped=2)
+    result.assert_outcomes(passed=25, failed=1, skipped=4)
     result.stdout.fnmatch_lines(["*ex4: not run: your code did not finish Exercise 1*",
                                  "*your code did not finish ex1 at the lecture's sizes*"])
 

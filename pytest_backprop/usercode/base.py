@@ -20,7 +20,7 @@ from reference_model.model import GRADIENT_ORDER
 
 from ..problems.instance import Problem
 from ..verdict import Diagnosis, Location
-from .run import UserError, call_user, locate
+from .run import UserError, locate
 
 EXERCISE_FUNCTIONS = {"ex2": "cross_entropy_backward", "ex3": "batchnorm_backward"}
 #: What each exercise's answer is the gradient of, and which true upstream gradients it may use.
