@@ -29,7 +29,7 @@ def render_property(verdict: Any) -> str:
     lines = [f"{verdict.exercise} [{verdict.diagnosis.code}]: {verdict.diagnosis.message}"]
     details = verdict.details or {}
     if details.get("case"):
-        lines.append(f"    smallest failing case: {details['case']}")
+        lines.append(f"    failing case: {details['case']}")
     if verdict.line:
         lines.append(f"    backprop through: {verdict.line}")
     if details.get("reproduce"):

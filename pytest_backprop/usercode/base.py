@@ -149,8 +149,9 @@ class Implementation:
     #: Whether :meth:`run` takes a ``plan`` (re-runs with true gradients substituted: independent grading).
     supports_plans: bool = False
 
-    def source_spans(self) -> list[SourceSpan]:
-        """The user's source this implementation runs, for hints that quote it (never executed)."""
+    def source_spans(self, exercise: str | None = None) -> list[SourceSpan]:
+        """The user's source, for hints that quote it (never executed): all of it, or what runs for
+        ``exercise`` (a notebook's own cells for that exercise)."""
         return []
 
     def exercises(self) -> tuple[str, ...]:

@@ -216,7 +216,7 @@ class IsolatedImplementation(Implementation):
     def exercises(self) -> tuple[str, ...]:
         return tuple(self._exercises)
 
-    def source_spans(self) -> list[SourceSpan]:
+    def source_spans(self, exercise: str | None = None) -> list[SourceSpan]:
         """Read statically in this process (nothing of the user's code runs here)."""
         from .loaders import static_source_spans
 

@@ -60,7 +60,7 @@ class ScriptImplementation(Implementation):
     def _is_user_file(self, filename: str) -> bool:
         return filename == str(self.path)
 
-    def source_spans(self) -> list[SourceSpan]:
+    def source_spans(self, exercise: str | None = None) -> list[SourceSpan]:
         return [SourceSpan(self.source, display_path(self.path))]
 
     def run(self, exercise: str, problem: Problem, timeout: float | None, *, plan: Plan | None = None) -> RunResult:
@@ -164,7 +164,7 @@ class ModuleImplementation(Implementation):
         trace_autograd(run, self._sources())
         return run
 
-    def source_spans(self) -> list[SourceSpan]:
+    def source_spans(self, exercise: str | None = None) -> list[SourceSpan]:
         return [SourceSpan(text, display_path(file)) for text, file in self._sources()]
 
     def _sources(self) -> list[tuple[str, str]]:

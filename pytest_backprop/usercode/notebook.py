@@ -377,6 +377,24 @@ class NotebookImplementation(Implementation):
         self._renamed = {v: t for v, t in _gradient_vars(cells).items() if v != "d" + t}
 
     @classmethod
+    def from_cells(cls, sources: list[str], name: str = "notebook", *,
+                   tags: list[frozenset[str]] | None = None) -> "NotebookImplementation":
+        """A notebook given as the sources of its code cells, in order (e.g. a kernel's input history):
+        cell N is ``sources[N - 1]``.
+
+        Example::
+
+            impl = NotebookImplementation.from_cells(["dlogprobs = torch.zeros_like(logprobs)", "x = 1"])
+            impl.cells_of("ex1")   # [1]
+        """
+        self = cls.__new__(cls)
+        self.path = Path(name)
+        self.description = f"notebook {name}"
+        tags = tags or [frozenset()] * len(sources)
+        self._setup([parse_cell(i, source, t) for i, (source, t) in enumerate(zip(sources, tags), start=1)])
+        return self
+
+    @classmethod
     def from_script(cls, path: Path) -> "NotebookImplementation":
         """A ``.py`` script split into cells by ``# %%`` markers (VS Code, Jupytext's percent format);
         a marker line may carry tags: ``# %% [backprop:ex2]``. Locations are ``file:line``.
@@ -421,8 +439,9 @@ class NotebookImplementation(Implementation):
         """Why ``exercise`` has no cell (None when it has)."""
         return self.detection.reasons.get(exercise)
 
-    def source_spans(self) -> list[SourceSpan]:
-        return [c.span(self.path) for c in self.cells]
+    def source_spans(self, exercise: str | None = None) -> list[SourceSpan]:
+        running = set(self.cells_of(exercise)) if exercise is not None else None
+        return [c.span(self.path) for c in self.cells if running is None or c.index in running]
 
     def program(self, exercise: str) -> Program:
         """The exercise's cells (support cells included) as one program, analysed and compiled once."""

@@ -247,8 +247,8 @@ class LinesImplementation(Implementation):
     def exercises(self) -> tuple[str, ...]:
         return ("ex1", *(ex for ex in self.inner.exercises() if ex in ("ex2", "ex3")), EXERCISE)
 
-    def source_spans(self) -> list[SourceSpan]:
-        return self.inner.source_spans()
+    def source_spans(self, exercise: str | None = None) -> list[SourceSpan]:
+        return self.inner.source_spans(exercise)
 
     def line_answers(self, problem: Any, timeout: float | None) -> dict[str, tuple[Any, UserError | None]]:
         """Every line's answer to its random upstream (what ``verdicts`` judges; sent back by --backprop-isolate)."""

@@ -63,20 +63,10 @@ def spans_for(implementation: Any, exercise: str) -> tuple[list[SourceSpan], lis
     """
     try:
         spans = list(implementation.source_spans())
+        running = list(implementation.source_spans(exercise))
     except Exception:  # noqa: BLE001 -- a hint's source lookup must never fail a check
         return [], []
-    cells_of = getattr(implementation, "cells_of", None)
-    if not callable(cells_of):
-        return spans, []
-    running = set(cells_of(exercise))
-    cells = getattr(implementation, "cells", None)
-    if any(s.cell is None for s in spans):  # a script split by ``# %%``: its spans follow its cells
-        if not isinstance(cells, list) or len(cells) != len(spans):
-            return spans, []
-        keep = [getattr(c, "index", None) in running for c in cells]
-    else:
-        keep = [s.cell in running for s in spans]
-    return [s for s, k in zip(spans, keep) if k], [s for s, k in zip(spans, keep) if not k]
+    return running, [s for s in spans if s not in running]
 
 
 def function_span(fn: Callable[..., Any]) -> list[SourceSpan]:
