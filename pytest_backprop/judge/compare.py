@@ -127,8 +127,11 @@ def compare(actual: Any, expected: torch.Tensor, *, rtol: float | None = None, a
                       nonfinite=not finite, close_message=message)
 
 
-def describe_failure(name: str, cmp_: Comparison) -> str:
-    """The reason a comparison failed, for a human: types, shapes, or how far off the values are."""
+def describe_failure(name: str, cmp_: Comparison, *, prefix: str = "d") -> str:
+    """The reason a comparison failed, for a human: types, shapes, or how far off the values are.
+
+    ``prefix`` goes before ``name`` in the values' message (``dW2: 3 of 1728 elements ...``).
+    """
     expected = cmp_.expected
     if cmp_.problem == "type":
         return (f"d{name} is {describe_type(cmp_.actual)}; expected a tensor of shape {tuple(expected.shape)}"
@@ -147,7 +150,7 @@ def describe_failure(name: str, cmp_: Comparison) -> str:
         t = float(cmp_.truth[worst]) if cmp_.truth.dim() else float(cmp_.truth)
         got, want = distinct(a, t)
         at = f"; worst at index {list(worst)}: got {got}, expected {want}"
-    return (f"d{name}: {cmp_.mismatched} of {cmp_.numel} elements ({pct:.1f}%) differ beyond "
+    return (f"{prefix}{name}: {cmp_.mismatched} of {cmp_.numel} elements ({pct:.1f}%) differ beyond "
             f"{cmp_.tolerance.describe()}; maxdiff {cmp_.maxdiff:.3g}{at}")
 
 
