@@ -131,7 +131,9 @@ def measured_or_fallback(t_low: torch.Tensor, t64: torch.Tensor, dtype: torch.dt
     Used where the truth comes from re-running a reference in float64 (check_backward): the
     measurement is impossible when the low-precision truth is not finite where the float64 one is
     (overflow) or when both are exactly 0 (nothing to measure a noise from). ``slack`` widens the
-    measured value (float64: see :mod:`pytest_backprop.problems.noise`).
+    measured value (float64: see :mod:`pytest_backprop.problems.noise`). The kit does not know the
+    Function's intermediate values, whose rounding a correct alternative derivation may carry, so
+    the measured atol is at least ``FLOOR`` eps of 1.0 (``log(exp(x))`` at x = 1e-66 is 0, not a bug).
 
     Example::
 
@@ -146,7 +148,7 @@ def measured_or_fallback(t_low: torch.Tensor, t64: torch.Tensor, dtype: torch.dt
     if not bool(high.any()) and not bool(low.any()):
         return fallback(like, why="the truth is exactly 0, no noise to measure")
     tol = derive(low, high, dtype, origin=origin)
-    atol = tol.atol * slack
+    atol = max(tol.atol, FLOOR * _eps(dtype)) * slack
     return Tolerance(atol=atol if math.isfinite(atol) else math.inf, rtol=tol.rtol, origin=origin)
 
 

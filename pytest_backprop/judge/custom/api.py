@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable, Collection, Sequence
 
 import torch
 
+from ...problems.device import single_thread
 from ...problems.tolerance import GIVEN, Reference, Tolerance, attach, fallback, reference_of
 from .calls import CheckFailure, Target, as_tuple, backward, forward, make_leaves, random_upstream, target_for, unchanged
 from .finite import ATOL, GRADCHECK_RULE, RTOL, gradcheck_failure, sides
 from .truth import Truth, check_grads, check_outputs, reference_truth, rejudge
 from .variants import interleaved, layouts, requires_grad_patterns, retain_graph
+
+#: Inputs with at most this many elements in all run on one thread (tiny ops: threads cost more than
+#: they save, and much more on a busy machine); larger ones keep torch's setting.
+SMALL = 1 << 16
 
 #: Every check, in the order they run; those in :data:`OPTIONAL` can be turned off with ``skip=``.
 CHECKS = ("forward", "backward", "deterministic", "outputs", "gradients", "retain_graph", "interleaved",
@@ -81,6 +87,15 @@ def check_backward(fn: Callable[..., Any], *inputs: Any, reference: Callable[...
     unknown = sorted(set(skip) - set(OPTIONAL))
     if unknown:
         raise ValueError(f"check_backward(skip=...): unknown check(s) {unknown}; choose from {', '.join(OPTIONAL)}")
+    small = sum(x.numel() for x in inputs if isinstance(x, torch.Tensor)) <= SMALL
+    with single_thread() if small else nullcontext():
+        return _check(fn, inputs, reference, grad_outputs, rtol, atol, skip)
+
+
+def _check(fn: Callable[..., Any], inputs: Sequence[Any], reference: Callable[..., Any] | None,
+           grad_outputs: Sequence[torch.Tensor] | torch.Tensor | None, rtol: float | None, atol: float | None,
+           skip: Collection[str]) -> tuple[torch.Tensor | None, ...]:
+    __tracebackhide__ = True
     target = target_for(fn, inputs)
     if not target.idx:
         raise CheckFailure("forward", "check_backward needs at least one floating-point tensor input")

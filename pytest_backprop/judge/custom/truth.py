@@ -150,7 +150,10 @@ def check_outputs(target: Target, check: str, outs: Sequence[torch.Tensor], want
             got, exp = (o.dtype, w.dtype) if result.problem == "dtype" else (tuple(o.shape), tuple(w.shape))
             raise target.fail(check, f"output {k} has {result.problem} {got}; expected {exp}{context}")
         if not result.approximate:
-            raise target.fail(check, f"output {k} is wrong{context}:\n{describe_failure(f'output {k}', result, prefix='')}")
+            overflow = ("\nhint [nonfinite]: inf/NaN where the truth is finite: an overflow (exp of a large value: "
+                        "subtract the max first) or a division by zero?") if result.nonfinite else ""
+            raise target.fail(check, f"output {k} is wrong{context}:\n"
+                                     f"{describe_failure(f'output {k}', result, prefix='')}{overflow}")
 
 
 def check_grads(target: Target, check: str, got: dict[int, torch.Tensor | None], want: dict[int, torch.Tensor],
