@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from pytest_backprop import check_backward
 from pytest_backprop.judge.custom import CheckFailure
 
-EXAMPLES = 40
+EXAMPLES = 30
 SEEDS = [0] if os.environ.get("CI") else [0, 1, 2]
 
 
