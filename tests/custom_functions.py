@@ -29,9 +29,16 @@ class Case:
     fn: Callable[..., Any]
     reference: Callable[..., Any] | None
     inputs: st.SearchStrategy[tuple[torch.Tensor, ...]]
-    fixed: Callable[[], tuple[torch.Tensor, ...]]
+    fixed: Callable[..., tuple[torch.Tensor, ...]]  # fixed(seed=0): seeded randn inputs
     caught_by: tuple[str, ...] = ()  # the check(s) of check_backward that must catch it (empty: correct)
     message: str = ""  # a regex the failure message must match
+    equivalent: Callable[..., Any] | None = None  # plain torch ops, for tools that need them (default: reference)
+
+    @property
+    def plain(self) -> Callable[..., Any]:
+        """The same function in plain torch ops (the reference, or the equivalent of a Function checked by
+        finite differences)."""
+        return self.reference or self.equivalent  # type: ignore[return-value]
 
     @property
     def buggy(self) -> bool:
@@ -70,12 +77,12 @@ def randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed + sum(shape)))
 
 
-def fixed_one(*shape: int) -> Callable[[], tuple[torch.Tensor, ...]]:
-    return lambda: (randn(*shape),)
+def fixed_one(*shape: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+    return lambda seed=0: (randn(*shape, seed=seed),)
 
 
-def fixed_pair(a: tuple[int, ...], b: tuple[int, ...]) -> Callable[[], tuple[torch.Tensor, ...]]:
-    return lambda: (randn(*a, seed=1), randn(*b, seed=2))
+def fixed_pair(a: tuple[int, ...], b: tuple[int, ...]) -> Callable[..., tuple[torch.Tensor, ...]]:
+    return lambda seed=0: (randn(*a, seed=2 * seed + 1), randn(*b, seed=2 * seed + 2))
 
 
 # --- matmul: y = x @ w ---------------------------------------------------------------------------
@@ -542,9 +549,9 @@ CASES: list[Case] = [
             fixed_one(3, 4), ("outputs",), r"dtype torch.float32"),
     *_pairs("warm-up counted on class", "non-determinism", WarmupScaleCounting, WarmupScale, lambda x: 3 * x, one(),
             fixed_one(3, 4), ("deterministic",), r"second call"),
-    Case("relu, finite differences at 0", "control", Relu.apply, None, one(), fixed_one(3, 4)),
+    Case("relu, finite differences at 0", "control", Relu.apply, None, one(), fixed_one(3, 4), equivalent=torch.relu),
     Case("relu with 1 at 0 vs autograd's 0", "control", ReluAtZeroIsOne.apply, torch.relu, one(), fixed_one(3, 4)),
-    Case("abs", "control", Abs.apply, None, one(), fixed_one(3, 4)),
+    Case("abs", "control", Abs.apply, None, one(), fixed_one(3, 4), equivalent=torch.abs),
     Case("exp (inf is the truth)", "control", Exp.apply, torch.exp, one(), fixed_one(3, 4)),
     Case("softmax", "control", Softmax.apply, lambda x: torch.softmax(x, -1), one(), fixed_one(3, 4)),
     Case("layer norm", "control", LayerNorm.apply, _layer_norm, one(), fixed_one(3, 4)),
