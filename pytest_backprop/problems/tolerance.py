@@ -35,8 +35,8 @@ import torch
 
 K = 10
 FLOOR = 16
-RULE = (f"measured where the float64 truth is known: no worse than {K}x PyTorch's own float32 error "
-        f"(floor {FLOOR} eps x max|grad|); elsewhere torch.testing.assert_close's defaults")
+#: The measured rule in one line (the ``--backprop`` report header: the kit always knows the truth there).
+RULE = f"no worse than {K}x PyTorch's own float32 error vs a float64 truth (floor {FLOOR} eps x max|grad|)"
 _TRUTH_ATTR = "_backprop_truth"
 
 #: Origins of a tolerance, as messages print them.
