@@ -21,7 +21,7 @@ from ...problems.noise import FLOAT64_SLACK
 from ...problems.tolerance import Reference, Tolerance, attach, fallback, measured_or_fallback, reference_of
 from ..compare import Comparison, compare, describe_failure
 from ..diagnose import diagnose
-from .calls import Target, as_tuple, backward, forward, make_leaves
+from .calls import Target, backward, forward, make_leaves
 from .finite import sides
 
 #: Most mismatched elements per tensor that are re-judged by finite differences (kinks are points).
