@@ -17,6 +17,7 @@ _LAZY = {
     "Verdict": "pytest_backprop.verdict",
     "Diagnosis": "pytest_backprop.verdict",
     "check_backward": "pytest_backprop.judge.custom",
+    "CheckFailure": "pytest_backprop.judge.custom",
     "Problem": "pytest_backprop.problems.instance",
     "problem_from_batch": "pytest_backprop.problems.instance",
     "build_problem": "pytest_backprop.problems.instance",

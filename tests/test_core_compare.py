@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import EXAMPLES
 
 from pytest_backprop import assert_grad_matches, cmp
-from pytest_backprop.judge.compare import compare
+from pytest_backprop.judge.compare import compare, describe_failure, distinct
+from pytest_backprop.problems.tolerance import ASSERT_CLOSE_DEFAULTS, Tolerance, fallback, measured_or_fallback
 from pytest_backprop.problems.instance import build_problem
 from reference_model import backward as ref
 from reference_model.data import load_words
+from reference_model.model import LINES
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +131,8 @@ def test_cmp_prints_the_lecture_line_plus_a_verdict(problem, answers, capsys):
     assert cmp("probs", answers["probs"] * 2, problem["probs"]) is False
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("logprobs        | exact: True  | approximate: True  | maxdiff: 0.0")
-    assert out[0].endswith("| ok")
-    assert "approximate: False" in out[1] and out[1].endswith("FAIL")
+    assert re.search(r"\| ok, atol=\S+ \(measured rule\)$", out[0]), out[0]
+    assert "approximate: False" in out[1] and "| FAIL, atol=" in out[1]
 
 
 def test_assert_grad_matches_hides_its_own_frame():
@@ -165,3 +171,106 @@ def test_a_forward_tensor_without_grad_is_an_error_not_a_silent_truth():
     with pytest.raises(ValueError, match="retain_grad"):
         cmp("y", torch.zeros(3), y)
     assert_grad_matches(8 * x.detach(), x)  # a leaf holds its gradient: compared with x.grad
+
+
+# --- one rule: the fallback is assert_close's defaults, labelled --------------------------------------
+
+def test_the_fallback_is_assert_close_default_for_the_dtype():
+    assert fallback(torch.zeros(3)) == Tolerance(1e-5, 1.3e-6, "assert_close default for float32")
+    assert (fallback(torch.zeros(3, dtype=torch.float64)).atol, fallback(torch.zeros(3, dtype=torch.float64)).rtol) == (1e-7, 1e-7)
+    private = pytest.importorskip("torch.testing._comparison")._DTYPE_PRECISIONS
+    for dtype, (rtol, atol) in ASSERT_CLOSE_DEFAULTS.items():
+        assert private[dtype] == (rtol, atol), dtype
+
+
+def test_a_plain_zero_truth_is_not_judged_at_1e_38(problem):
+    assert_grad_matches(problem.grads["b1"], torch.zeros_like(problem["b1"]), name="b1")  # noise ~3e-9 passes
+    with pytest.raises(AssertionError, match=r"atol=1e-05, rtol=1.3e-06 \(assert_close default for float32"):
+        assert_grad_matches(torch.full((64,), 2e-5), torch.zeros(64), name="b1")
+
+
+def test_the_measured_rule_falls_back_where_nothing_can_be_measured():
+    zero = torch.zeros(4)
+    assert "exactly 0" in measured_or_fallback(zero, zero.double(), torch.float32).origin
+    big = torch.tensor([1e39], dtype=torch.float64)
+    assert "overflows" in measured_or_fallback(big.float(), big, torch.float32).origin
+    assert measured_or_fallback(torch.ones(2), torch.ones(2, dtype=torch.float64), torch.float32).origin == "measured rule"
+
+
+def test_messages_print_as_many_digits_as_it_takes():
+    assert distinct(1.5410001, 1.5410002) == ("1.5410001", "1.5410002")
+    assert distinct(1.0, 2.0) == ("1", "2")
+    expected = torch.tensor([1.5410002], dtype=torch.float64)
+    text = describe_failure("x", compare(torch.tensor([1.5410001], dtype=torch.float64), expected))
+    assert "got 1.5410001, expected 1.5410002" in text
+
+
+def test_plain_tensors_get_generic_hints_and_kit_tensors_the_lectures(problem):
+    truth = torch.linspace(-1, 1, 64, dtype=torch.float64).view(1, 64)
+    with pytest.raises(AssertionError) as plain:
+        assert_grad_matches(truth * 31 / 32, truth, name="bndiff2")
+    assert "look for a wrong constant factor" in str(plain.value) and "Bessel" not in str(plain.value)
+    with pytest.raises(AssertionError, match=r"\[scale\].*\(n-1\)/n.*Bessel"):
+        assert_grad_matches(problem.grads["bndiff2"] * 31 / 32, problem.grads["bndiff2"], name="bndiff2")
+
+
+# --- cmp in the lecture's notebook -------------------------------------------------------------------
+
+RETAIN_AND_BACKWARD = """
+for t in [logprobs, probs, counts, counts_sum, counts_sum_inv, norm_logits, logit_maxes, logits, h, hpreact,
+          bnraw, bnvar_inv, bnvar, bndiff2, bndiff, hprebn, bnmeani, embcat, emb]:
+    t.retain_grad()
+loss.backward()
+"""
+GRADIENTS = ["logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes", "logits",
+             "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff",
+             "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C"]
+
+
+@pytest.fixture
+def notebook(problem):
+    """The lecture's notebook after its forward (retain_grad on every line), loss.backward() and a
+    correct Exercise 1 written in its cells: one namespace, as the notebook's globals."""
+    ns = {"torch": torch, "F": F, "cmp": cmp, "Xb": problem.Xb, "Yb": problem.Yb, "n": problem.n}
+    ns.update({k: v.clone().requires_grad_(True) for k, v in problem.params.items()})
+    exec("\n".join(line.source for line in LINES) + RETAIN_AND_BACKWARD, ns)  # noqa: S102 -- the lecture's own code
+    exec((EXAMPLES / "ex1_solution.py").read_text(), ns)  # noqa: S102
+    return ns
+
+
+def run_cmp(ns, line):
+    exec(f"result = {line}", ns)  # noqa: S102 -- called from the notebook's globals, as a student does
+    return ns["result"]
+
+
+def test_cmp_in_the_notebook_passes_float_noise_under_the_measured_rule(notebook, capsys):
+    assert all(run_cmp(notebook, f"cmp('{name}', d{name}, {name})") for name in GRADIENTS)
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.endswith("(measured rule)") for line in lines), lines
+    db1, b1 = notebook["db1"], notebook["b1"]
+    assert float((db1 - b1.grad).detach().abs().max()) > 0  # float noise around the true 0 ...
+    noisy = b1.grad + 1.1e-8  # ... of the size that failed a real student's allclose
+    assert not torch.allclose(noisy, b1.grad)
+    notebook["noisy"] = noisy
+    assert run_cmp(notebook, "cmp('b1', noisy, b1)")
+
+
+def test_cmp_in_the_notebook_catches_the_lectures_small_mistakes(notebook, capsys):
+    ns = notebook
+    exec("""
+wrong_hprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0) - bnraw * (dhpreact * bnraw).sum(0))
+wrong_bndiff2 = (1.0 / n) * torch.ones_like(bndiff2) * dbnvar
+""", ns)  # noqa: S102 -- fused batchnorm without n/(n-1); 1/n for 1/(n-1)
+    assert not run_cmp(ns, "cmp('hprebn', wrong_hprebn, hprebn)")
+    assert not run_cmp(ns, "cmp('bndiff2', wrong_bndiff2, bndiff2)")  # maxdiff < 1e-5: only the measured rule sees it
+    out = capsys.readouterr().out.splitlines()
+    assert all("FAIL" in line and "(measured rule)" in line for line in out), out
+    # without the notebook's values the kit knows no truth: assert_close's defaults, said so
+    assert cmp("bndiff2", ns["wrong_bndiff2"], ns["bndiff2"], namespace={})
+    assert "assert_close default for float32" in capsys.readouterr().out
+
+
+def test_cmp_claims_nothing_when_the_notebook_ran_another_forward(notebook, capsys):
+    notebook["bngain"] = (notebook["bngain"] * 2).detach()  # the values no longer made these tensors
+    assert run_cmp(notebook, "cmp('hpreact', dhpreact, hpreact)")
+    assert "assert_close default for float32" in capsys.readouterr().out

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, Mapping
 
 import torch
 
 from ..usercode.run import describe_type
 from .compare import compare, describe_failure
 from .diagnose import diagnose
+from .lecture_truth import lecture_truth
 
 
 def _truth_of(t: Any) -> Any:
@@ -35,7 +37,9 @@ def assert_grad_matches(actual: Any, expected: torch.Tensor, *, name: str | None
     ``expected`` is the true gradient, or a tensor whose ``.grad`` holds it (the lecture's ``t``).
     Shapes must be equal (no broadcasting: a (64,) answer for a (1, 64) tensor fails). With
     ``exact=True`` the values must be bitwise equal; otherwise the tolerance rule applies (or the
-    given ``rtol``/``atol``).
+    given ``rtol``/``atol``): the measured rule for the kit's tensors (``makemore_forward``), and
+    ``torch.testing.assert_close``'s defaults for any other tensor. The message names the rule, and
+    hints speak of the lecture (n, Bessel's correction, ...) only for the lecture's tensors.
 
     Example::
 
@@ -59,24 +63,32 @@ def assert_grad_matches(actual: Any, expected: torch.Tensor, *, name: str | None
     raise AssertionError("\n".join(lines))
 
 
-def cmp(s: str, dt: Any, t: torch.Tensor) -> bool:
-    """Drop-in for the lecture's ``cmp``: prints ``name | exact | approximate | maxdiff`` plus a verdict.
+def cmp(s: str, dt: Any, t: torch.Tensor, *, namespace: Mapping[str, Any] | None = None) -> bool:
+    """Drop-in for the lecture's ``cmp``: prints ``name | exact | approximate | maxdiff`` plus a verdict
+    and the rule that decided it.
 
     ``t`` is the forward tensor whose ``.grad`` holds the truth (or the true gradient itself).
-    Returns True when the gradient passes the tolerance rule.
+    Returns True when the gradient passes the tolerance rule. In the lecture's notebook (the
+    caller's globals hold ``C, W1, b1, W2, b2, bngain, bnbias, Xb, Yb`` and ``n``, or pass them
+    as ``namespace``) the kit rebuilds its float64 truth for those values and uses the measured
+    rule: float noise never fails (``db1``), small real mistakes do (1/n for 1/(n-1)). Elsewhere
+    ``torch.testing.assert_close``'s defaults decide.
 
     Example::
 
         cmp('logprobs', dlogprobs, logprobs)
-        # logprobs        | exact: True  | approximate: True  | maxdiff: 0.0 | ok
+        # logprobs        | exact: True  | approximate: True  | maxdiff: 0.0 | ok, atol=3.9e-07 (measured rule)
     """
-    truth = _truth_of(t)
-    result = compare(dt, truth)
+    if namespace is None:
+        caller = sys._getframe(1)
+        namespace = {**caller.f_globals, **caller.f_locals}
+    truth = lecture_truth(s, t, namespace)
+    result = compare(dt, truth if truth is not None else _truth_of(t))
+    rule = result.tolerance.describe()
     if result.problem is not None:
         print(f"{s:15s} | exact: False | approximate: False | maxdiff: n/a | FAIL: {describe_failure(s, result)}")
         return False
     verdict = "ok" if result.approximate else "FAIL"
     print(f"{s:15s} | exact: {str(result.exact):5s} | approximate: {str(result.approximate):5s} | "
-          f"maxdiff: {result.maxdiff} | {verdict}")
+          f"maxdiff: {result.maxdiff} | {verdict}, {rule}")
     return bool(result.approximate)
-

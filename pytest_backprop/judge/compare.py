@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..problems.tolerance import Reference, Tolerance, fallback, reference_of
+from ..problems.tolerance import EXACT, GIVEN, Reference, Tolerance, fallback, reference_of
 from ..usercode.run import describe_type
 
 
@@ -31,6 +31,7 @@ class Comparison:
     worst_index: tuple[int, ...] | None = None
     nonfinite: bool = False
     close_message: str = ""
+    lecture: bool = False  # the tensor is one of the lecture's (hints may use its n and its lines)
 
     @property
     def numel(self) -> int:
@@ -54,11 +55,11 @@ def _conversion_hint(value: Any) -> str:
 def _truth_and_tolerance(expected: torch.Tensor, rtol: float | None, atol: float | None) -> tuple[torch.Tensor, Tolerance]:
     reference: Reference | None = reference_of(expected)
     if rtol is not None or atol is not None:
-        tol = Tolerance(atol=atol or 0.0, rtol=rtol or 0.0, origin="given")
+        tol = Tolerance(atol=atol or 0.0, rtol=rtol or 0.0, origin=GIVEN)
         return (reference.truth64 if reference else expected), tol
     if reference is not None:
         return reference.truth64, reference.tolerance
-    return expected, fallback(expected)
+    return expected, fallback(expected, why="the kit does not know this tensor's float64 truth")
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -74,14 +75,21 @@ def compare(actual: Any, expected: torch.Tensor, *, rtol: float | None = None, a
             exact: bool = False) -> Comparison:
     """Compare ``actual`` with ``expected`` without raising; see :class:`Comparison`.
 
-    ``expected`` may carry a float64 truth and a rule tolerance (the kit's tensors do); otherwise
-    ``expected`` itself is the truth, with assert_close's default rtol for its dtype.
+    ``expected`` may carry a float64 truth and a measured tolerance (the kit's tensors do); otherwise
+    ``expected`` itself is the truth, with ``torch.testing.assert_close``'s defaults for its dtype
+    (:mod:`pytest_backprop.problems.tolerance`).
+
+    Example::
+
+        compare(torch.zeros(3), torch.full((3,), 1e-9)).approximate   # True (atol 1e-05)
     """
     truth, tol = _truth_and_tolerance(expected, rtol, atol)
     if exact:
-        tol = Tolerance(atol=0.0, rtol=0.0, origin="exact")
+        tol = Tolerance(atol=0.0, rtol=0.0, origin=EXACT)
         truth = expected
-    base = dict(actual=actual, expected=expected, truth=truth, tolerance=tol)
+    reference = reference_of(expected)
+    base = dict(actual=actual, expected=expected, truth=truth, tolerance=tol,
+                lecture=reference is not None and reference.lecture)
     if not isinstance(actual, torch.Tensor):
         return Comparison(**base, problem="type")
     if not actual.dtype.is_floating_point or actual.dtype != expected.dtype:
@@ -119,8 +127,11 @@ def compare(actual: Any, expected: torch.Tensor, *, rtol: float | None = None, a
                       nonfinite=not finite, close_message=message)
 
 
-def describe_failure(name: str, cmp_: Comparison) -> str:
-    """The reason a comparison failed, for a human: types, shapes, or how far off the values are."""
+def describe_failure(name: str, cmp_: Comparison, *, prefix: str = "d") -> str:
+    """The reason a comparison failed, for a human: types, shapes, or how far off the values are.
+
+    ``prefix`` goes before ``name`` in the values' message (``dW2: 3 of 1728 elements ...``).
+    """
     expected = cmp_.expected
     if cmp_.problem == "type":
         return (f"d{name} is {describe_type(cmp_.actual)}; expected a tensor of shape {tuple(expected.shape)}"
@@ -137,6 +148,21 @@ def describe_failure(name: str, cmp_: Comparison) -> str:
     if worst is not None:
         a = float(cmp_.actual.detach()[worst]) if cmp_.actual.dim() else float(cmp_.actual)
         t = float(cmp_.truth[worst]) if cmp_.truth.dim() else float(cmp_.truth)
-        at = f"; worst at index {list(worst)}: got {a:.6g}, expected {t:.6g}"
-    return (f"d{name}: {cmp_.mismatched} of {cmp_.numel} elements ({pct:.1f}%) differ beyond atol={cmp_.tolerance.atol:.2g}"
-            f" ({cmp_.tolerance.origin}); maxdiff {cmp_.maxdiff:.3g}{at}")
+        got, want = distinct(a, t)
+        at = f"; worst at index {list(worst)}: got {got}, expected {want}"
+    return (f"{prefix}{name}: {cmp_.mismatched} of {cmp_.numel} elements ({pct:.1f}%) differ beyond "
+            f"{cmp_.tolerance.describe()}; maxdiff {cmp_.maxdiff:.3g}{at}")
+
+
+def distinct(a: float, b: float, *, digits: int = 4) -> tuple[str, str]:
+    """``a`` and ``b`` printed with as many significant digits as it takes to tell them apart.
+
+    Example::
+
+        distinct(1.5410001, 1.5410002)   # ('1.5410001', '1.5410002'), never '1.541' twice
+    """
+    for d in range(digits, 18):
+        shown = f"{a:.{d}g}", f"{b:.{d}g}"
+        if shown[0] != shown[1]:
+            return shown
+    return shown

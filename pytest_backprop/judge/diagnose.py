@@ -18,6 +18,12 @@
   by n/(n-1) points at the loss's mean, ``dhprebn`` missing 1/n at ``bnmeani = 1/n*...``);
 - ``mismatch``: none of the above.
 
+Hints that speak of the lecture (n, 1/n, Bessel's correction, the mean over the batch, its forward
+lines, its ``cmp``) are given only for the lecture's own tensors (``Comparison.lecture``, or
+``lecture=True``, the default of the building blocks); any other tensor (``check_backward``,
+``assert_grad_matches`` on plain tensors) gets generic wording: ``dx is 25 × the true gradient: look
+for a wrong constant factor``.
+
 Scale and sign are only looked for where the truth is clearly not noise (its largest magnitude
 is at least :data:`SIGNIFICANT` times the tolerance), so ``db1`` (true value 0) and
 ``dlogit_maxes`` (true value ~1e-9) never get a scale hint. Blame across gradients
@@ -74,7 +80,9 @@ def _fmt(shape: Any) -> str:
     return str(tuple(int(s) for s in shape))
 
 
-def _lines_reading(name: str) -> tuple[Any, ...]:
+def _lines_reading(name: str, lecture: bool = True) -> tuple[Any, ...]:
+    if not lecture:  # a tensor outside the lecture: its name says nothing about the lecture's lines
+        return ()
     from reference_model.model import consumers  # noqa: PLC0415 -- only where hints name lines
 
     return consumers(name)
@@ -131,10 +139,13 @@ def factor_line(name: str | None, kind: str, *, through: Any = None) -> str | No
     return None
 
 
-def name_constant(c: float, n: int | None, *, tensor: str | None = None, through: Any = None) -> tuple[str, str] | None:
+def name_constant(c: float, n: int | None, *, tensor: str | None = None, through: Any = None,
+                  lecture: bool = True) -> tuple[str, str] | None:
     """Name a factor ``c`` between an answer and its truth: (label, what it usually means).
 
-    ``n`` is the batch size; when it is None it is inferred from ``c`` itself. With ``tensor`` (and
+    ``n`` is the batch size; when it is None it is inferred from ``c`` itself. With ``lecture=False``
+    (a tensor that is not the lecture's) only the generic factors (2, 1/2, -1) are named, and no
+    forward line is quoted. With ``tensor`` (and
     optionally ``through``, one line reading it) the meaning quotes the forward line on that
     gradient's path that the factor belongs to (:func:`factor_line`); when that path holds no
     such factor (no Bessel correction between ``logits`` and the loss), the meaning says only what
@@ -152,7 +163,9 @@ def name_constant(c: float, n: int | None, *, tensor: str | None = None, through
     sign = -1.0 if c < 0 else 1.0
     m = abs(c)
     inferred = n is None
-    if inferred:
+    if not lecture:
+        n = None
+    elif inferred:
         n = _infer_integer(m)
     located = tensor is not None or through is not None
     # value, label, meaning ({line}: the forward line in backticks), meaning when the path has no such line
@@ -181,7 +194,9 @@ def name_constant(c: float, n: int | None, *, tensor: str | None = None, through
             ]
     for value, label, meaning, plain in candidates:
         if abs(m - value) <= 1e-3 * value:
-            if located:
+            if not lecture:
+                meaning = plain
+            elif located:
                 line = factor_line(tensor, FACTOR_KIND[label], through=through)
                 meaning = meaning.format(line=f"`{line}`") if line else plain
             else:  # nothing says which gradient: the lecture's usual place for each factor
@@ -211,17 +226,17 @@ def fit_scale(actual: torch.Tensor, target: torch.Tensor, atol: float) -> float 
     return c if close(a, c * t, abs(c) * atol) else None
 
 
-def _sign_where(name: str) -> str:
-    lines = [ln.source for ln in _lines_reading(name) if "-" in ln.source.split("=", 1)[1]]
+def _sign_where(name: str, lecture: bool = True) -> str:
+    lines = [ln.source for ln in _lines_reading(name, lecture) if "-" in ln.source.split("=", 1)[1]]
     return f" (the backprop of `{lines[0]}` has a minus sign)" if lines else ""
 
 
 def value_hint(name: str, actual: torch.Tensor, target: torch.Tensor, atol: float, *,
-               n: int | None = None, what: str = "the true gradient") -> Diagnosis | None:
+               n: int | None = None, what: str = "the true gradient", lecture: bool = True) -> Diagnosis | None:
     """Scale, sign or transposed hints for a same-shape answer that is wrong, or None.
 
     ``target`` is what the answer should be (the truth, or what the user's own upstream gradients
-    imply); ``atol`` its tolerance.
+    imply); ``atol`` its tolerance. ``lecture=False``: generic wording (no n, no lecture lines).
 
     Example::
 
@@ -229,15 +244,15 @@ def value_hint(name: str, actual: torch.Tensor, target: torch.Tensor, atol: floa
     """
     square = actual.dim() == 2 and actual.shape[0] == actual.shape[1] and actual.shape[0] > 1
     if square and close(actual.T, target, atol):
-        return _transposed(name, actual.shape, target.shape)
+        return _transposed(name, actual.shape, target.shape, lecture)
     if not significant(target, atol):
         return None
     c = fit_scale(actual, target, atol)
     if c is None or abs(c - 1) <= 1e-3:
         return None
-    named = name_constant(c, n, tensor=name)
+    named = name_constant(c, n, tensor=name, lecture=lecture)
     if named is not None and named[0] == "-1":
-        return Diagnosis("sign", f"d{name} is -1 × {what}: a minus sign is missing or extra{_sign_where(name)}")
+        return Diagnosis("sign", f"d{name} is -1 × {what}: a minus sign is missing or extra{_sign_where(name, lecture)}")
     if named is not None:
         label, meaning = named
         return Diagnosis("scale", f"d{name} is {label} × {what}: {meaning}")
@@ -246,16 +261,17 @@ def value_hint(name: str, actual: torch.Tensor, target: torch.Tensor, atol: floa
     return Diagnosis("scale", f"d{name} is {c:.4g} × {what}: look for a wrong constant factor")
 
 
-def _transposed(name: str, actual_shape: Any, expected_shape: Any) -> Diagnosis:
-    matmul = [ln.source for ln in _lines_reading(name) if "@" in ln.source]
+def _transposed(name: str, actual_shape: Any, expected_shape: Any, lecture: bool = True) -> Diagnosis:
+    matmul = [ln.source for ln in _lines_reading(name, lecture) if "@" in ln.source]
     where = f" In `{matmul[0]}`," if matmul else " For `Y = X @ W`,"
     return Diagnosis("transposed", f"d{name} is transposed ({_fmt(actual_shape)} for {name}'s {_fmt(expected_shape)}): "
                                    f"its .T is the true gradient.{where} dX = dY @ W.T and dW = X.T @ dY "
                                    "(match the shapes)")
 
 
-def _broadcast_line(name: str, shape: tuple[int, ...], values: Mapping[str, Any] | None) -> str | None:
-    lines = _lines_reading(name)
+def _broadcast_line(name: str, shape: tuple[int, ...], values: Mapping[str, Any] | None,
+                    lecture: bool = True) -> str | None:
+    lines = _lines_reading(name, lecture)
     if values is not None:
         for ln in lines:
             out = values.get(ln.output)
@@ -265,7 +281,7 @@ def _broadcast_line(name: str, shape: tuple[int, ...], values: Mapping[str, Any]
 
 
 def _unreduced(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float,
-               values: Mapping[str, Any] | None) -> Diagnosis | None:
+               values: Mapping[str, Any] | None, lecture: bool = True) -> Diagnosis | None:
     a_shape, e_shape = tuple(actual.shape), tuple(truth.shape)
     lead = len(a_shape) - len(e_shape)
     if lead < 0:
@@ -287,7 +303,7 @@ def _unreduced(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float
     if kept:
         parts.append(f"sum over dim {', '.join(map(str, kept))} with keepdim=True")
     how = " and ".join(parts)
-    line = _broadcast_line(name, a_shape, values)
+    line = _broadcast_line(name, a_shape, values, lecture)
     where = f": {name} was broadcast in `{line}`" if line else f": {name} was broadcast to {_fmt(a_shape)}"
     return Diagnosis("unreduced", f"d{name} has the broadcast shape {_fmt(a_shape)}, not {name}'s {_fmt(e_shape)}; "
                                   f"{how}{where}, so its gradient sums over the copies")
@@ -301,7 +317,7 @@ def _size1_dim(longer: tuple[int, ...], shorter: tuple[int, ...]) -> int:
     return 0
 
 
-def _keepdim(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float) -> Diagnosis | None:
+def _keepdim(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float, lecture: bool = True) -> Diagnosis | None:
     a_shape, e_shape = tuple(actual.shape), tuple(truth.shape)
     if actual.numel() != truth.numel() or [s for s in a_shape if s != 1] != [s for s in e_shape if s != 1]:
         return None
@@ -313,9 +329,9 @@ def _keepdim(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float) 
     else:
         dim = _size1_dim(a_shape, e_shape)
         fix = f"drop the size-1 dimension (`.sum({dim})` without keepdim, or `.view{_fmt(e_shape)}`)"
+    cmp_note = " The lecture's cmp() uses `==`, which broadcasts, so it let this through;" if lecture else ""
     return Diagnosis("keepdim", f"d{name} has shape {_fmt(a_shape)} but {name} has shape {_fmt(e_shape)}: the values "
-                                f"are right; {fix}. The lecture's cmp() uses `==`, which broadcasts, so it "
-                                "let this through; a gradient has exactly the shape of its tensor")
+                                f"are right; {fix}.{cmp_note} a gradient has exactly the shape of its tensor")
 
 
 def _wrong_dim(name: str, a_shape: tuple[int, ...], e_shape: tuple[int, ...], values: Mapping[str, Any] | None) -> str:
@@ -336,7 +352,7 @@ def _wrong_dim(name: str, a_shape: tuple[int, ...], e_shape: tuple[int, ...], va
 
 
 def shape_hint(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float, *,
-               values: Mapping[str, Any] | None = None) -> Diagnosis:
+               values: Mapping[str, Any] | None = None, lecture: bool = True) -> Diagnosis:
     """The hint for an answer whose shape differs from the tensor's: keepdim, unreduced, transposed or shape.
 
     Example::
@@ -345,11 +361,11 @@ def shape_hint(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float
     """
     a_shape, e_shape = tuple(actual.shape), tuple(truth.shape)
     if bool(torch.isfinite(actual).all()):
-        hint = _keepdim(name, actual, truth, atol) or _unreduced(name, actual, truth, atol, values)
+        hint = _keepdim(name, actual, truth, atol, lecture) or _unreduced(name, actual, truth, atol, values, lecture)
         if hint is not None:
             return hint
         if actual.dim() == 2 and a_shape == e_shape[::-1] and close(actual.T, truth, atol):
-            return _transposed(name, a_shape, e_shape)
+            return _transposed(name, a_shape, e_shape, lecture)
     if len(a_shape) == len(e_shape):
         diff = "; ".join(f"dim {i}: {a} vs {e}" for i, (a, e) in enumerate(zip(a_shape, e_shape)) if a != e)
     else:
@@ -364,7 +380,7 @@ def diagnose(name: str, result: Comparison, *, n: int | None = None,
     """The hint for one failed (or passed) comparison of ``d<name>``.
 
     ``n`` (the batch size) lets scale hints name n, 1/n, n/(n-1) ...; without it they infer it from
-    the factor. ``values`` (the forward tensors by name, with ``n``) lets shape hints quote the
+    the factor. Both only for the lecture's tensors (``result.lecture``); others get generic hints. ``values`` (the forward tensors by name, with ``n``) lets shape hints quote the
     forward line where the tensor was broadcast.
 
     Example::
@@ -386,14 +402,15 @@ def diagnose(name: str, result: Comparison, *, n: int | None = None,
 def _diagnose(name: str, result: Comparison, n: int | None, values: Mapping[str, Any] | None) -> Diagnosis:
     atol = result.tolerance.atol
     if result.problem == "shape":
-        return shape_hint(name, result.actual.detach().to(result.truth.device), result.truth, atol, values=values)
+        return shape_hint(name, result.actual.detach().to(result.truth.device), result.truth, atol, values=values,
+                          lecture=result.lecture)
     if result.approximate:
         return Diagnosis("ok", "matches autograd" + (" exactly" if result.exact else " within the tolerance rule"))
     if result.nonfinite and bool(torch.isfinite(result.truth).all()):
         return Diagnosis("nonfinite", f"d{name} contains NaN or inf where the true gradient is finite: "
                                       "look for a division by zero, log of 0 or exp overflow")
     actual = result.actual.detach().to(result.truth.device)
-    hint = value_hint(name, actual, result.truth, atol, n=n)
+    hint = value_hint(name, actual, result.truth, atol, n=n, lecture=result.lecture)
     if hint is not None:
         return hint
     if not bool(actual.any()) and significant(result.truth, atol):

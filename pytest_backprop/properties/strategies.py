@@ -32,22 +32,37 @@ from hypothesis import assume
 from reference_model.model import Config, params_only
 
 __all__ = [
-    "Case", "LECTURE_PATTERN", "REGIMES", "apply_pattern", "batches", "describe_pattern", "elements",
+    "Case", "KINKS", "LARGE_BY_WIDTH", "LECTURE_PATTERN", "MIXED", "REGIMES", "TINY_BY_WIDTH", "apply_pattern", "batches", "describe_pattern", "elements",
     "makemore_cases", "makemore_configs", "makemore_params", "param_patterns", "params_from_seed", "shapes",
     "tensors",
 ]
 
-#: Value regimes for :func:`elements` / :func:`tensors` and (by name) for :func:`makemore_params`.
-#: ``small``: |x| <= 1; ``lecture``: |x| <= 5; ``large_logits``: |x| <= 80; ``saturated``: 5 <= |x| <= 30
-#: (tanh is +-1 in float32 and float64 beyond ~10); ``extreme``: 200 <= |x| <= 1000 (``exp`` overflows even
-#: in float64 beyond ~709, so a naive softmax turns into inf/inf = nan).
+#: Value regimes for :func:`elements` / :func:`tensors`, as ``(low, high)`` bounds of ``|x|`` (both signs).
+#: For any function: ``small`` |x| <= 1; ``moderate`` |x| <= 10; ``large`` 10 <= |x| <= 1000, where ``exp``
+#: overflows (float64 beyond ~709; float32 and float16 use :data:`LARGE_BY_WIDTH`); ``tiny``
+#: 1e-30 <= |x| <= 1e-6 (underflow, division by a tiny value); ``kink`` at most 1e-6 from a corner in
+#: :data:`KINKS` (ReLU/abs at 0, clamp at +-1), exact corners included (ties too). The lecture's logits,
+#: used by its property checks: ``lecture`` |x| <= 5; ``large_logits`` |x| <= 80; ``saturated``
+#: 5 <= |x| <= 30 (tanh is +-1); ``extreme`` 200 <= |x| <= 1000.
 REGIMES: dict[str, tuple[float, float]] = {
     "small": (0.0, 1.0),
+    "moderate": (0.0, 10.0),
+    "large": (10.0, 1000.0),
+    "tiny": (1e-30, 1e-6),
+    "kink": (0.0, 1e-6),
     "lecture": (0.0, 5.0),
     "large_logits": (0.0, 80.0),
     "saturated": (5.0, 30.0),
     "extreme": (200.0, 1000.0),
 }
+#: ``large`` and ``tiny`` for narrower floats: beyond exp's overflow (88.7 for float32, 11.1 for float16).
+LARGE_BY_WIDTH: dict[int, tuple[float, float]] = {64: (10.0, 1000.0), 32: (10.0, 100.0), 16: (4.0, 12.0)}
+TINY_BY_WIDTH: dict[int, tuple[float, float]] = {64: (1e-30, 1e-6), 32: (1e-30, 1e-6), 16: (1e-4, 1e-2)}
+#: The corners of the ``kink`` regime.
+KINKS: tuple[float, ...] = (0.0, 1.0, -1.0)
+#: The regimes of ``mixed``, the default: each element from one of them (``tiny`` is left out: finite
+#: differences cannot resolve it; ask for it by name).
+MIXED: tuple[str, ...] = ("small", "moderate", "large", "kink")
 
 #: The lecture's broadcasting pattern: b1 (H,), b2 (V,), bngain and bnbias (1, H).
 LECTURE_PATTERN: dict[str, str] = {"b1": "flat", "b2": "flat", "bngain": "row", "bnbias": "row"}
@@ -80,17 +95,33 @@ def makemore_configs(*, max_batch: int = 8, max_vocab: int = 8, max_embd: int = 
     )
 
 
-def elements(regime: str = "lecture", *, width: int = 64) -> st.SearchStrategy[float]:
-    """Finite floats in one of the :data:`REGIMES` (both signs).
+def _representable(value: float, width: int) -> float:
+    """``value`` rounded to the nearest float of ``width`` bits (hypothesis wants exact bounds)."""
+    return float(np.array(value, dtype=f"float{width}"))
+
+
+@functools.lru_cache(maxsize=512)  # strategies are immutable: reuse them (building one costs more than a draw)
+def elements(regime: str = "mixed", *, width: int = 64) -> st.SearchStrategy[float]:
+    """Finite floats in one of the :data:`REGIMES` (both signs), or ``mixed`` (the default): each
+    element from ``small``, ``moderate``, ``large`` or ``kink``, so one tensor holds values that
+    overflow a naive ``exp`` next to values at a ReLU's corner. Shrinks towards ``small`` values.
 
     Example::
 
-        tensors((4, 27), elements=elements("large_logits"))   # logits up to +-80
+        tensors((4, 27), elements=elements("large"))      # |x| from 10 to 1000: exp overflows
+        tensors((4, 27), elements=elements("kink"))       # 0, +-1 and within 1e-6 of them
     """
+    if regime == "mixed":
+        return st.one_of(*(elements(r, width=width) for r in MIXED))
     if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
-    low, high = REGIMES[regime]
+        raise ValueError(f"unknown regime {regime!r}; choose one of mixed, {', '.join(REGIMES)}")
     kwargs: dict[str, Any] = dict(allow_nan=False, allow_infinity=False, width=width)
+    if regime == "kink":
+        bound = _representable(1e-6, width)
+        offset = st.one_of(st.just(0.0), st.floats(-bound, bound, **kwargs))
+        return st.builds(lambda c, d: _representable(c + d, width), st.sampled_from(KINKS), offset)
+    low, high = {"large": LARGE_BY_WIDTH, "tiny": TINY_BY_WIDTH}.get(regime, {}).get(width, REGIMES[regime])
+    low, high = _representable(low, width), _representable(high, width)
     positive = st.floats(low, high, **kwargs)
     if low == 0.0:
         return st.floats(-high, high, **kwargs)
@@ -114,12 +145,14 @@ def shapes(*, min_dims: int = 1, max_dims: int = 3, min_side: int = 1, max_side:
     return hnp.array_shapes(min_dims=min_dims, max_dims=max_dims, min_side=min_side, max_side=max_side)
 
 
+@functools.lru_cache(maxsize=1024)  # strategies are immutable: reuse them (building one costs more than a draw)
 def tensors(shape: tuple[int, ...] | st.SearchStrategy[tuple[int, ...]], *, dtype: torch.dtype = torch.float64,
             elements: st.SearchStrategy[Any] | None = None) -> st.SearchStrategy[torch.Tensor]:
     """Torch tensors of ``shape`` (a tuple or a shape strategy), built on ``hypothesis.extra.numpy.arrays``.
 
     Every element is drawn on its own (no constant fill), so values are not degenerate. The default
-    elements are the ``lecture`` regime (|x| <= 5); pass ``elements=elements("saturated")`` etc.
+    elements are the ``mixed`` regime of :func:`elements` at the dtype's width (large values and
+    kinks included); pass ``elements=elements("small")`` etc.
 
     Example::
 
@@ -131,7 +164,7 @@ def tensors(shape: tuple[int, ...] | st.SearchStrategy[tuple[int, ...]], *, dtyp
         raise ValueError(f"tensors(): unsupported dtype {dtype}")
     if elements is None:
         width = 32 if dtype == torch.float32 else 16 if dtype == torch.float16 else 64
-        elements = _regime("lecture", width=width) if dtype.is_floating_point else st.integers(-5, 5)
+        elements = _regime("mixed", width=width) if dtype.is_floating_point else st.integers(-5, 5)
     return hnp.arrays(np_dtype, shape, elements=elements, fill=st.nothing()).map(lambda a: torch.from_numpy(a.copy()))
 
 
