@@ -16,6 +16,7 @@ from reference_model.model import GRADIENT_ORDER
 
 from ..verdict import Diagnosis
 from .base import RunResult
+from .program import bound_names
 
 _AUTOGRAD_ATTRS = {"grad", "backward", "retain_grad", "retain_grads", "autograd"}
 _AUTOGRAD_TEXT = re.compile(r"\.(grad|backward|retain_grad|retain_grads)\b|\bautograd\b")
@@ -24,17 +25,6 @@ _AUTOGRAD_TEXT = re.compile(r"\.(grad|backward|retain_grad|retain_grads)\b|\baut
 def _reads_autograd(node: ast.AST) -> bool:
     return any(isinstance(n, ast.Attribute) and n.attr in _AUTOGRAD_ATTRS for n in ast.walk(node)) or any(
         isinstance(n, ast.Name) and n.id == "autograd" for n in ast.walk(node))
-
-
-def target_names(target: ast.AST) -> list[str]:
-    """The variable names an assignment target binds (``x``, ``x[i]``, ``a, b = ...``)."""
-    while isinstance(target, (ast.Subscript, ast.Attribute, ast.Starred)):
-        target = target.value
-    if isinstance(target, ast.Name):
-        return [target.id]
-    if isinstance(target, (ast.Tuple, ast.List)):
-        return [n for elt in target.elts for n in target_names(elt)]
-    return []
 
 
 @dataclass
@@ -74,7 +64,7 @@ def _autograd_use_once(source: str) -> AutogradUse:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if _reads_autograd(node.value):
                 for t in targets:
-                    for name in target_names(t):
+                    for name in bound_names(t):
                         use.assigned.setdefault(name, node.lineno)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cmp" and len(node.args) >= 3:
             dt, t = node.args[1], node.args[2]

@@ -157,7 +157,7 @@ class Hook:
         if isinstance(exc, (KeyboardInterrupt, UserCodeTimeout)):
             self.outcome.timed_out = Failure(st, self.locate(exc)) if isinstance(exc, UserCodeTimeout) else None
             raise exc
-        if st.kind == "cmp" and isinstance(exc, NameError):
+        if st.kind == "cmp" and isinstance(exc, NameError) and getattr(exc, "name", None) in self.program.gradient_vars:
             self.outcome.unwritten_cmp.add(index)  # the lecture's cmp line of a gradient not written yet
             return
         self.outcome.failures[index] = Failure(st, self.locate(exc))
