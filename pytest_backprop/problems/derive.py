@@ -47,13 +47,18 @@ def derive_table(parsed: ParsedForward, inputs: Mapping[str, Any]) -> LineTable:
                 line = Line(s.output, s.source, tuple(r for r in s.reads if r in differentiable),
                             tuple(r for r in s.reads if r not in differentiable), s.location, s.code, parsed.env)
             lines.append(line)
-    check_loss(namespace[parsed.loss], next(l for l in lines if l.output == parsed.loss), parsed.return_location)
+    check_loss(namespace[parsed.loss], parsed.loss, where=parsed.return_location, source=parsed.return_source)
     gradients = [g for g in (*leaves, *(l.output for l in lines)) if g in differentiable and g != parsed.loss]
     readers = {name for line in lines for name in line.inputs}
     for name in gradients:
         if name not in readers:
             line = next((l for l in lines if l.output == name), None)
+            if line is None and not any(name in s.reads for s in parsed.statements):
+                raise ProblemError(f"forward takes the float tensor `{name}` but no line reads it: remove the "
+                                   "argument (and the key make_inputs returns)", where=parsed.location,
+                                   source=parsed.signature)
             raise ProblemError(f"`{name}` gets no gradient: the loss reads it only through operations that "
                                "do not differentiate (comparisons, argmax, .detach(), integer casts)",
-                               where=line.location if line else parsed.location, source=line.source if line else "")
+                               where=line.location if line else parsed.location,
+                               source=line.source if line else parsed.signature)
     return LineTable(tuple(lines), parsed.arguments, leaves, constants, parsed.loss, backward_order(lines, gradients))

@@ -63,18 +63,18 @@ def run_checked(line: Line, namespace: dict[str, Any]) -> Any:
         raise ProblemError(f"raised {type(exc).__name__}: {exc}", where=line.location, source=line.source) from exc
 
 
-def check_loss(loss: Any, line: Line, where: str) -> None:
+def check_loss(loss: Any, name: str, *, where: str, source: str) -> None:
     """The loss must be a float tensor with one element that depends on a leaf (checked when run)."""
     if not isinstance(loss, torch.Tensor) or not loss.is_floating_point():
         got = loss.dtype if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ProblemError(f"forward must return the scalar loss, a float tensor; it returned {got}",
-                           where=where, source=line.source)
+        raise ProblemError(f"forward must return the scalar loss, a float tensor; `{name}` is {got}",
+                           where=where, source=source)
     if loss.numel() != 1:
-        raise ProblemError(f"forward must return a scalar loss; `{line.output}` has shape {tuple(loss.shape)} "
-                           "(reduce it, e.g. with .mean() or .sum())", where=where, source=line.source)
+        raise ProblemError(f"forward must return a scalar loss; `{name}` has shape {tuple(loss.shape)} "
+                           "(reduce it, e.g. with .mean() or .sum())", where=where, source=source)
     if not loss.requires_grad:
         raise ProblemError("the loss depends on no float tensor input, so nothing gets a gradient",
-                           where=where, source=line.source)
+                           where=where, source=source)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def autograd_truth(table: LineTable, inputs: Mapping[str, Any], *, dtype: torch.
                 out.retain_grad()
         loss_line = table.line_of[table.loss]
         loss = namespace[table.loss]
-        check_loss(loss, loss_line, loss_line.location)
+        check_loss(loss, table.loss, where=loss_line.location, source=loss_line.source)
         loss.backward()
     grads = {}
     for name in table.order:

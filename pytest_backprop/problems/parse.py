@@ -46,7 +46,9 @@ class ParsedForward(NamedTuple):
     statements: tuple[Statement, ...]
     loss: str
     location: str  # of the ``def`` line
+    signature: str  # the ``def`` line's text
     return_location: str
+    return_source: str
     env: dict[str, Any]
 
 
@@ -179,7 +181,7 @@ def parse_forward(forward: Callable) -> ParsedForward:
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
             target, value = node.target, node.value
         else:
-            raise ProblemError(_statement_problem(node), where=where(node), source=segment(node))
+            raise ProblemError(_statement_problem(node), where=where(node), source=lines[node.lineno - 1].strip())
         if isinstance(target, (ast.Tuple, ast.List, ast.Starred)):
             raise ProblemError("a tuple target (`a, b = ...`): one name per line, so that each gets its own gradient",
                                where=where(node), source=segment(node))
@@ -248,8 +250,5 @@ def parse_forward(forward: Callable) -> ParsedForward:
         if s.output != loss and s.output not in read_later:
             raise ProblemError(f"computes `{s.output}`, which no later line reads and which is not the loss: "
                                "remove the line (or return it)", where=s.location, source=s.source)
-    for arg in arguments:
-        if arg not in read_later:
-            raise ProblemError(f"forward takes `{arg}` but no line reads it: remove the argument "
-                               "(and the key make_inputs returns)", where=location, source=def_source)
-    return ParsedForward(forward, arguments, tuple(statements), loss, location, return_location, env)
+    return ParsedForward(forward, arguments, tuple(statements), loss, location, def_source, return_location,
+                         segment(ret), env)
