@@ -200,6 +200,22 @@ def test_loading_by_path_and_by_module_name(tmp_path, monkeypatch):
 # --- what the kit cannot derive from: the message names the line ---------------------------------
 
 FORWARD_ERRORS = [
+    ("decorated", """
+        @torch.no_grad()
+        def forward(x, w, n):
+            z = x @ w
+            return z.sum()
+    """, "@torch.no_grad()", "must not be decorated"),
+    ("*args", """
+        def forward(x, *rest):
+            z = x.sum()
+            return z
+    """, "def forward(x, *rest):", "forward takes *args or **kwargs"),
+    ("defaults", """
+        def forward(x, w, n=4):
+            z = x @ w
+            return z.sum()
+    """, "def forward(x, w, n=4):", "forward's arguments have defaults"),
     ("loop", """
         def forward(x, w, n):
             z = x @ w

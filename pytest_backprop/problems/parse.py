@@ -19,7 +19,7 @@ import builtins
 import inspect
 import textwrap
 from types import CodeType
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from .errors import ProblemError, display_path
 
@@ -99,6 +99,106 @@ def _names_read(expr: ast.expr) -> list[str]:
     return list(dict.fromkeys(n.id for n in found))
 
 
+class _Source:
+    """The forward's source lines, for the sites and exact texts of its nodes."""
+
+    def __init__(self, forward: Callable) -> None:
+        name = getattr(forward, "__name__", repr(forward))
+        forward = inspect.unwrap(forward)  # a decorated forward: its own file (the decorator is an error)
+        try:
+            self.lines, first = inspect.getsourcelines(forward)
+            filename = inspect.getsourcefile(forward) or inspect.getfile(forward)
+        except (OSError, TypeError) as exc:
+            raise ProblemError(f"the kit reads forward's source, but {name} has none it can read ({exc}); "
+                               "define forward with `def` in a .py file") from None
+        self.shown, self.offset = display_path(filename), first - 1
+        text = textwrap.dedent("".join(self.lines))
+        try:
+            self.tree = ast.parse(text)
+        except SyntaxError:  # a lambda inside an expression: its lines alone do not parse
+            raise ProblemError("forward must be a function defined with `def` (not a lambda)",
+                               where=f"{self.shown}:{first}", source=self.lines[0].strip()) from None
+        self.encoded = [line.encode() for line in text.splitlines(keepends=True)]
+
+    def where(self, node: ast.AST) -> str:
+        return f"{self.shown}:{node.lineno + self.offset}"
+
+    def line(self, node: ast.AST) -> str:
+        """The text of the node's first line."""
+        return self.lines[node.lineno - 1].strip()
+
+    def segment(self, node: ast.AST) -> str:
+        """The node's exact source text (``ast.get_source_segment``, without re-splitting the text)."""
+        start, end = node.lineno - 1, node.end_lineno - 1  # type: ignore[attr-defined]
+        if start == end:
+            return self.encoded[start][node.col_offset:node.end_col_offset].decode().strip()  # type: ignore[attr-defined]
+        parts = [self.encoded[start][node.col_offset:], *self.encoded[start + 1:end],
+                 self.encoded[end][:node.end_col_offset]]  # type: ignore[attr-defined]
+        return b"".join(parts).decode().strip()
+
+    def error(self, message: str, node: ast.AST, *, whole: bool = True) -> ProblemError:
+        return ProblemError(message, where=self.where(node), source=self.segment(node) if whole else self.line(node))
+
+
+def _signature(src: _Source, fdef: ast.AST) -> tuple[str, ...]:
+    """The forward's arguments; it must be a plain ``def`` whose arguments are all inputs."""
+    if not isinstance(fdef, ast.FunctionDef):
+        raise src.error("forward must be a function defined with `def` (not a lambda or an async def)", fdef,
+                        whole=False)
+    if fdef.decorator_list:
+        raise src.error("forward must not be decorated: the kit runs its lines itself", fdef.decorator_list[0],
+                        whole=False)
+    a = fdef.args
+    if a.vararg or a.kwarg:
+        raise src.error("forward takes *args or **kwargs; name every input (the keys make_inputs returns)", fdef,
+                        whole=False)
+    if a.defaults or any(d is not None for d in a.kw_defaults):
+        raise src.error("forward's arguments have defaults; every argument is an input that make_inputs returns "
+                        "(a fixed number can be a constant of the module)", fdef, whole=False)
+    return tuple(arg.arg for arg in (*a.posonlyargs, *a.args, *a.kwonlyargs))
+
+
+def _assignment(src: _Source, node: ast.stmt) -> tuple[str, ast.expr]:
+    """``(name, expression)`` of a statement ``name = expression``; anything else is an error."""
+    if isinstance(node, ast.Assign):
+        if len(node.targets) != 1:
+            raise src.error("two assignments in one line (`a = b = ...`): give each name its own line", node)
+        target, value = node.targets[0], node.value
+    elif isinstance(node, ast.AnnAssign) and node.value is not None:
+        target, value = node.target, node.value
+    else:
+        raise src.error(_statement_problem(node), node, whole=False)
+    if isinstance(target, (ast.Tuple, ast.List, ast.Starred)):
+        raise src.error("a tuple target (`a, b = ...`): one name per line, so that each gets its own gradient", node)
+    if not isinstance(target, ast.Name):
+        raise src.error(f"assigns into `{src.segment(target)}` in place: write the result into a new name", node)
+    problem = _expression_problem(value)
+    if problem:
+        raise src.error(problem, node)
+    return target.id, value
+
+
+def _loss(src: _Source, ret: ast.Return, arguments: tuple[str, ...], assigned: Mapping[str, str]) -> str | None:
+    """The returned name, or None for ``return <expr>`` (the line ``loss = <expr>``)."""
+    if ret.value is None or isinstance(ret.value, (ast.Tuple, ast.List, ast.Dict, ast.Set)):
+        raise src.error("forward must return the scalar loss (one tensor), not "
+                        + ("nothing" if ret.value is None else "a collection"), ret)
+    if isinstance(ret.value, ast.Name):
+        loss = ret.value.id
+        if loss in arguments:
+            raise src.error(f"forward returns its argument `{loss}`: the loss must be computed by its lines", ret)
+        if loss not in assigned:
+            raise src.error(f"returns `{loss}`, which no line of forward assigns", ret)
+        return loss
+    problem = _expression_problem(ret.value)
+    if problem:
+        raise src.error(problem, ret)
+    if RETURN_NAME in assigned:
+        raise src.error(f"returns an expression, but a line already assigns `{RETURN_NAME}`: "
+                        f"write `return {RETURN_NAME}` or name the expression", ret)
+    return None
+
+
 def parse_forward(forward: Callable) -> ParsedForward:
     """Read ``forward``'s source into its assignments; raise :class:`ProblemError` naming the line
     for anything that is not straight-line code.
@@ -108,139 +208,57 @@ def parse_forward(forward: Callable) -> ParsedForward:
         parsed = parse_forward(forward)
         [s.output for s in parsed.statements][:3]   # ['emb', 'embcat', 'hprebn']
     """
-    name = getattr(forward, "__name__", repr(forward))
-    try:
-        lines, first = inspect.getsourcelines(forward)
-        filename = inspect.getsourcefile(forward) or inspect.getfile(forward)
-    except (OSError, TypeError) as exc:
-        raise ProblemError(f"the kit reads forward's source, but {name} has none it can read ({exc}); "
-                           "define forward with `def` in a .py file") from None
-    text = textwrap.dedent("".join(lines))
-    tree = ast.parse(text)
-    fdef = tree.body[0]
-    shown = display_path(filename)
-    offset = first - 1
-    encoded = [line.encode() for line in text.splitlines(keepends=True)]
-
-    def where(node: ast.AST) -> str:
-        return f"{shown}:{node.lineno + offset}"
-
-    def segment(node: ast.AST) -> str:
-        """The node's exact source text (``ast.get_source_segment``, without re-splitting the text)."""
-        start, end = node.lineno - 1, node.end_lineno - 1  # type: ignore[attr-defined]
-        if start == end:
-            return encoded[start][node.col_offset:node.end_col_offset].decode().strip()  # type: ignore[attr-defined]
-        parts = [encoded[start][node.col_offset:], *encoded[start + 1:end],
-                 encoded[end][:node.end_col_offset]]  # type: ignore[attr-defined]
-        return b"".join(parts).decode().strip()
-
-    if not isinstance(fdef, ast.FunctionDef):
-        raise ProblemError("forward must be a function defined with `def` (not a lambda or an async def)",
-                           where=f"{shown}:{first}", source=lines[0].strip())
-    def_source = lines[fdef.lineno - 1].strip()
-    location = where(fdef)
-    if fdef.decorator_list:
-        raise ProblemError("forward must not be decorated: the kit runs its lines itself",
-                           where=where(fdef.decorator_list[0]), source=segment(fdef.decorator_list[0]))
-    a = fdef.args
-    if a.vararg or a.kwarg:
-        raise ProblemError("forward takes *args or **kwargs; name every input (the keys make_inputs returns)",
-                           where=location, source=def_source)
-    if a.defaults or any(d is not None for d in a.kw_defaults):
-        raise ProblemError("forward's arguments have defaults; every argument is an input that make_inputs "
-                           "returns (a fixed number can be a constant of the module)", where=location, source=def_source)
-    arguments = tuple(arg.arg for arg in (*a.posonlyargs, *a.args, *a.kwonlyargs))
+    src = _Source(forward)
+    fdef = src.tree.body[0]
+    arguments = _signature(src, fdef)
+    assert isinstance(fdef, ast.FunctionDef)
+    location, signature = src.where(fdef), src.line(fdef)
     env = forward.__globals__
     body = list(fdef.body)
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str):
         body = body[1:]  # the docstring
     if not body or not isinstance(body[-1], ast.Return):
-        last = body[-1] if body else fdef
-        raise ProblemError("forward must end in `return <scalar loss>`", where=where(last),
-                           source=segment(last) if body else def_source)
+        raise src.error("forward must end in `return <scalar loss>`", body[-1] if body else fdef, whole=bool(body))
 
     assigned: dict[str, str] = {arg: location for arg in arguments}
     pending: list[tuple[str, ast.expr, ast.AST]] = []
-    seen_lines: dict[int, ast.stmt] = {}
+    lines_seen: set[int] = set()
     for node in body:
-        if node.lineno in seen_lines:
-            raise ProblemError(f"two statements on one line ({_STRAIGHT})", where=where(node),
-                               source=lines[node.lineno - 1].strip() if node.lineno - 1 < len(lines) else segment(node))
-        seen_lines[node.lineno] = node
+        if node.lineno in lines_seen:
+            raise src.error(f"two statements on one line ({_STRAIGHT})", node, whole=False)
+        lines_seen.add(node.lineno)
         if isinstance(node, ast.Return):
             if node is not body[-1]:
-                raise ProblemError("a return before the end of forward: the loss is the last line",
-                                   where=where(node), source=segment(node))
+                raise src.error("a return before the end of forward: the loss is the last line", node)
             continue
-        if isinstance(node, ast.Assign):
-            if len(node.targets) != 1:
-                raise ProblemError("two assignments in one line (`a = b = ...`): give each name its own line",
-                                   where=where(node), source=segment(node))
-            target, value = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value = node.target, node.value
-        else:
-            raise ProblemError(_statement_problem(node), where=where(node), source=lines[node.lineno - 1].strip())
-        if isinstance(target, (ast.Tuple, ast.List, ast.Starred)):
-            raise ProblemError("a tuple target (`a, b = ...`): one name per line, so that each gets its own gradient",
-                               where=where(node), source=segment(node))
-        if not isinstance(target, ast.Name):
-            raise ProblemError(f"assigns into `{segment(target)}` in place: write the result into a new name",
-                               where=where(node), source=segment(node))
-        problem = _expression_problem(value)
-        if problem:
-            raise ProblemError(problem, where=where(node), source=segment(node))
-        out = target.id
+        out, value = _assignment(src, node)
         if out in assigned:
-            first_site = assigned[out]
-            what = "an argument of forward" if first_site == location else f"already assigned on {first_site}"
-            raise ProblemError(f"`{out}` is {what}: a name is assigned once, so that it has one gradient",
-                               where=where(node), source=segment(node))
-        assigned[out] = where(node)
+            what = "an argument of forward" if assigned[out] == location else f"already assigned on {assigned[out]}"
+            raise src.error(f"`{out}` is {what}: a name is assigned once, so that it has one gradient", node)
+        assigned[out] = src.where(node)
         pending.append((out, value, node))
-
     ret = body[-1]
     assert isinstance(ret, ast.Return)
-    return_location = where(ret)
-    if ret.value is None or isinstance(ret.value, (ast.Tuple, ast.List, ast.Dict, ast.Set)):
-        raise ProblemError("forward must return the scalar loss (one tensor), not "
-                           + ("nothing" if ret.value is None else "a collection"), where=return_location,
-                           source=segment(ret))
-    if isinstance(ret.value, ast.Name):
-        loss = ret.value.id
-        if loss in arguments:
-            raise ProblemError(f"forward returns its argument `{loss}`: the loss must be computed by its lines",
-                               where=return_location, source=segment(ret))
-        if loss not in assigned:
-            raise ProblemError(f"returns `{loss}`, which no line of forward assigns", where=return_location,
-                               source=segment(ret))
-    else:
-        problem = _expression_problem(ret.value)
-        if problem:
-            raise ProblemError(problem, where=return_location, source=segment(ret))
-        if RETURN_NAME in assigned:
-            raise ProblemError(f"returns an expression, but a line already assigns `{RETURN_NAME}`: "
-                               f"write `return {RETURN_NAME}` or name the expression", where=return_location,
-                               source=segment(ret))
+    loss = _loss(src, ret, arguments, assigned)
+    if loss is None:
         loss = RETURN_NAME
-        pending.append((loss, ret.value, ret))
+        pending.append((loss, ret.value, ret))  # type: ignore[arg-type]
 
     statements: list[Statement] = []
     defined = set(arguments)
     for out, value, node in pending:
-        site = where(node)
-        source = f"{out} = {segment(value)}" if node is ret else segment(node)
+        site = src.where(node)
+        source = f"{out} = {src.segment(value)}" if node is ret else src.segment(node)
         reads = []
         for read in _names_read(value):
             if read in defined:
                 reads.append(read)
             elif read in assigned:
-                raise ProblemError(f"reads `{read}` before the line that assigns it ({assigned[read]})",
-                                   where=site, source=segment(node))
+                raise src.error(f"reads `{read}` before the line that assigns it ({assigned[read]})", node)
             elif read not in env and not hasattr(builtins, read):
-                raise ProblemError(f"reads `{read}`, which is not an argument of forward, an earlier line's output "
-                                   "or a global of its module", where=site, source=segment(node))
+                raise src.error(f"reads `{read}`, which is not an argument of forward, an earlier line's output "
+                                "or a global of its module", node)
         defined.add(out)
         code = compile(source, f"<forward {site}: {source}>", "exec")
         statements.append(Statement(out, source, value, tuple(reads), site, code))
@@ -250,5 +268,5 @@ def parse_forward(forward: Callable) -> ParsedForward:
         if s.output != loss and s.output not in read_later:
             raise ProblemError(f"computes `{s.output}`, which no later line reads and which is not the loss: "
                                "remove the line (or return it)", where=s.location, source=s.source)
-    return ParsedForward(forward, arguments, tuple(statements), loss, location, def_source, return_location,
-                         segment(ret), env)
+    return ParsedForward(forward, arguments, tuple(statements), loss, location, signature, src.where(ret),
+                         src.segment(ret), env)
