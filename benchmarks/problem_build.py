@@ -1,21 +1,24 @@
-"""P4: building the lecture's problem -- truths, tolerances and (float64) the noise floor -- in this
+"""P5: building the lecture's problem -- truths, tolerances and (float64) the noise floor -- in this
 tree and, with ``--against DIR``, in another checkout of the project (e.g. the commit before the
 forward pass was derived from its source), so the two can be compared on the same machine.
 
 Each tree is timed in its own subprocess; the trees alternate round by round (medians over rounds,
 ratios within this run). Per tree:
 
-- ``import``: ``import pytest_backprop.problems.instance`` after torch and the standard-library
-  modules pytest itself imports (ast, inspect, dataclasses, traceback, ...): where the derived tree
-  parses the lecture's forward and derives its table (a hand-written table costs nothing);
+- ``import``: ``import pytest_backprop.problems.instance`` after torch, the standard-library
+  modules pytest itself imports (ast, inspect, dataclasses, traceback, ...) and the lecture's data
+  and parameters: where the derived tree parses the lecture's forward and derives its table (one
+  run of it, which also pays torch's first-call costs that a hand-written table pays at the first build);
+- ``import+build``: the same and the first float32 build: what a ``pytest --backprop`` run pays once;
 - ``float32``: ``problem_from_batch(..., dtype=float32)`` at the lecture's sizes (float32 and float64
   truths, tolerances), what every ``pytest --backprop`` run builds once;
 - ``float64``: the same with ``dtype=float64`` (adds the float32 truth and the noise floor);
 - ``noise floor``: the noise floor alone, from a float64 problem's values and gradients.
 
-Everything runs on one thread, as the kit builds problems (``single_thread``). Each variant's number
-is the median of ``--number`` calls in a round, then the median over rounds; ``min`` columns give the
-fastest round, steadier on a shared machine. ``--pycache-prefix``: let Python cache bytecode in a
+Everything runs on one thread, as the kit builds problems (``single_thread``). Times are CPU
+seconds of the process (``time.process_time``: waiting for a core on a shared machine does not
+count). Each variant's number is the median of ``--number`` calls in a round, then the median over
+rounds; ``min`` columns give the fastest round. ``--pycache-prefix``: let Python cache bytecode in a
 temporary folder (where PYTHONDONTWRITEBYTECODE is set, every import compiles its modules again,
 which a normal installation does once; see benchmarks/startup.py).
 
@@ -43,16 +46,18 @@ def child(number: int) -> dict[str, float]:
     import ast, dataclasses, importlib.util, linecache, textwrap, traceback  # noqa: E401, F401 -- pytest's own
     import torch
 
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    from pytest_backprop.problems import instance, noise  # noqa: F401 -- timed: the import is a variant
-    imported = time.perf_counter() - start
     from reference_model.data import build_splits, load_words
     from reference_model.model import Config, lecture_params_and_batch
 
+    torch.set_num_threads(1)
     config = Config()
     dataset = build_splits(load_words(None))
     params, Xb, Yb = lecture_params_and_batch(dataset.Xtr, dataset.Ytr, config)
+    start = time.process_time()
+    from pytest_backprop.problems import instance, noise  # timed: the import and the first build are a variant
+    imported = time.process_time() - start
+    instance.problem_from_batch(config, params, Xb, Yb, dtype=torch.float32)
+    first = time.process_time() - start
     p64 = instance.problem_from_batch(config, params, Xb, Yb, dtype=torch.float64)
     table_first = "table" in inspect.signature(noise.noise_floor).parameters
     if table_first:
@@ -67,15 +72,15 @@ def child(number: int) -> dict[str, float]:
         "float64": lambda: instance.problem_from_batch(config, params, Xb, Yb, dtype=torch.float64),
         "noise floor": floor,
     }
-    result = {"import": imported}
+    result = {"import": imported, "import+build": first}
     for name, fn in variants.items():
         for _ in range(3):
             fn()
         times = []
         for _ in range(number):
-            t = time.perf_counter()
+            t = time.process_time()
             fn()
-            times.append(time.perf_counter() - t)
+            times.append(time.process_time() - t)
         result[name] = statistics.median(times)
     return result
 
@@ -114,7 +119,7 @@ def main() -> None:
             for name, tree in (order if r % 2 == 0 else order[::-1]):
                 results[name].append(run_tree(tree, args.number, pycache))
     variants = list(next(iter(results.values()))[0])
-    print(f"ms per call, {args.rounds} rounds of {args.number} calls (import: once per process); "
+    print(f"CPU ms per call, {args.rounds} rounds of {args.number} calls (import: once per process); "
           f"bytecode cache: {'temporary prefix' if args.pycache_prefix else 'as the environment says'}")
     columns = [f"{name} {stat}" for name in trees for stat in ("median", "min")]
     print(f"{'':14}" + "".join(f"{c:>20}" for c in columns) + ("   ratio (median, min)" if args.against else ""))

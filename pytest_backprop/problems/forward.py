@@ -100,13 +100,18 @@ def autograd_truth(table: LineTable, inputs: Mapping[str, Any], *, dtype: torch.
         t.grads["counts_sum_inv"].shape   # torch.Size([32, 1])
     """
     leaves = set(table.leaves)
+    retained = set(table.intermediates)
     namespace: dict[str, Any] = {k: (v.detach().to(dtype).requires_grad_(True) if k in leaves else v)
                                  for k, v in inputs.items()}
     with torch.enable_grad():
-        for line in table.lines:
-            out = run_checked(line, namespace)
-            if line.differentiable and line.output != table.loss and out.requires_grad:
-                out.retain_grad()
+        line = table.lines[0]
+        try:
+            for line in table.lines:
+                out = run_line(line, namespace)
+                if line.output in retained and out.requires_grad:
+                    out.retain_grad()
+        except Exception as exc:  # noqa: BLE001 -- the problem author's line: report it, with its site
+            raise ProblemError(f"raised {type(exc).__name__}: {exc}", where=line.location, source=line.source) from exc
         loss_line = table.line_of[table.loss]
         loss = namespace[table.loss]
         check_loss(loss, table.loss, where=loss_line.location, source=loss_line.source)

@@ -255,12 +255,13 @@ def noise_floor(table: LineTable, values: Mapping[str, Any], grads: Mapping[str,
     noise: dict[str, torch.Tensor] = {table.loss: torch.full((), unit, dtype=DTYPE)}
     for line in reversed(table.differentiable_lines):
         out = line.output
-        level = noise.get(out, torch.zeros((), dtype=DTYPE))
+        level = noise[out] if out in noise else torch.zeros((), dtype=DTYPE)
         if out in grads:
             level = level + unit * grads[out].abs().to(DTYPE)
         for name, part in _abs_vjp(line, values, level.to(values[out].dtype)).items():
             noise[name] = part.to(DTYPE) if name not in noise else noise[name] + part.to(DTYPE)
-    return {name: _absmax(noise.get(name, torch.zeros(())) + unit * grad.abs().to(DTYPE)) for name, grad in grads.items()}
+    return {name: _absmax((noise[name] if name in noise else 0.0) + unit * grad.abs().to(DTYPE))
+            for name, grad in grads.items()}
 
 
 def _absmax(t: torch.Tensor) -> float:

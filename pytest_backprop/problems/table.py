@@ -68,6 +68,7 @@ class LineTable:
     order: tuple[str, ...]  # every name that gets a gradient (leaves and intermediates), backward order
     line_of: Mapping[str, Line] = field(init=False, repr=False, compare=False)
     _consumers: Mapping[str, tuple[Line, ...]] = field(init=False, repr=False, compare=False)
+    _intermediates: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "line_of", {line.output: line for line in self.lines})
@@ -76,6 +77,8 @@ class LineTable:
             for name in line.inputs:
                 readers.setdefault(name, []).append(line)
         object.__setattr__(self, "_consumers", {k: tuple(v) for k, v in readers.items()})
+        object.__setattr__(self, "_intermediates", tuple(line.output for line in self.lines
+                                                         if line.differentiable and line.output != self.loss))
 
     def consumers(self, tensor: str) -> tuple[Line, ...]:
         """The lines that read ``tensor`` (differentiably); its gradient is the sum of their contributions."""
@@ -88,7 +91,7 @@ class LineTable:
     @property
     def intermediates(self) -> tuple[str, ...]:
         """Line outputs that get a gradient (every differentiable line but the loss), forward order."""
-        return tuple(line.output for line in self.lines if line.differentiable and line.output != self.loss)
+        return self._intermediates
 
     @property
     def differentiable_lines(self) -> tuple[Line, ...]:
