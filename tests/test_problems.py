@@ -183,7 +183,9 @@ def test_loading_by_path_and_by_module_name(tmp_path, monkeypatch):
             z = x @ w
             return z.sum()
     """)
-    assert load_spec(path) is load_spec(str(path)) is load_spec("prob.py", rootdir=tmp_path)
+    spec = load_spec(path)
+    assert spec is load_spec(str(path)) is load_spec("prob.py", rootdir=tmp_path) is load_spec(spec.origin)
+    assert spec.origin == str(path.resolve()) and spec.name == "prob"
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "prob", raising=False)
     assert load_spec("prob").origin == "prob" and load_spec("prob").lines[0].source == "z = x @ w"

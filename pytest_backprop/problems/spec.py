@@ -203,7 +203,7 @@ class ProblemSpec:
     """
 
     name: str
-    origin: str  # the file or module it was loaded from
+    origin: str  # what load_spec reloads it from: the file's absolute path, or the module's name
     sizes: Mapping[str, int]  # the default sizes (SIZES)
     size_ranges: Mapping[str, tuple[int, int]]  # what the property checks may draw (SIZE_RANGES)
     make_inputs: Callable[..., Mapping[str, Any]]
@@ -258,9 +258,9 @@ class ProblemSpec:
         for name, value in (sizes or {}).items():
             if name not in self.sizes:
                 raise ProblemError(f"unknown size name {name!r} for the problem {self.name!r} "
-                                   f"(SIZES defines {', '.join(self.sizes)})", where=self.origin)
+                                   f"(SIZES defines {', '.join(self.sizes)})", where=display_path(self.origin))
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ProblemError(f"size {name}={value!r}: a size is a positive int", where=self.origin)
+                raise ProblemError(f"size {name}={value!r}: a size is a positive int", where=display_path(self.origin))
             result[name] = value
         return result
 
@@ -311,7 +311,8 @@ class ProblemSpec:
             except ProblemError as exc:
                 where, source = definition_site(module, "ORDER")
                 raise ProblemError(exc.reason, where=where, source=source) from None
-        return cls(str(name), display_path(origin) if origin else module.__name__, sizes, ranges, module.make_inputs, module.forward, table, module)
+        return cls(str(name), str(origin) if origin else module.__name__, sizes, ranges, module.make_inputs,
+                   module.forward, table, module)
 
 
 def _call_make_inputs(make_inputs: Callable, sizes: dict[str, int], seed: int, data: Mapping[str, Any], *,
