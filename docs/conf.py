@@ -210,7 +210,7 @@ def _signature(obj: object) -> str:
 
 
 class LinesDirective(_Markdown):
-    """The expanded forward pass, from ``reference_model.model.LINES``: each gradient, the line that
+    """The expanded forward pass, as the kit derives it from ``reference_model.model.forward``: each gradient, the line that
     produced its tensor, and the lines that read it (whose contributions its gradient sums)."""
 
     def markdown(self) -> str:

@@ -1,16 +1,21 @@
-"""The lecture's MLP: configuration, parameters, batch, and the forward pass as a table of lines.
+"""The lecture's MLP: configuration, parameters, batch, and the forward pass written once.
 
-The expanded forward pass is defined once, in :data:`LINES`: every other view of it (the reference
-forward, the autograd truth, the consumer graph used for blame, per-line checks, the order of the
-report table) is derived from that table.
+This module is itself the lecture's *problem* (what ``--backprop-problem`` names by default): it
+defines ``SIZES``, ``make_inputs``, ``forward`` (the 20 lines of the expanded forward pass, one
+assignment per line), ``SIZE_RANGES``, ``NAME`` and ``ORDER`` (the lecture's checking order). The
+kit (:mod:`pytest_backprop.problems`) derives everything else from ``forward``'s source: the line
+table, the autograd truth, the consumer graph used for blame, the per-line checks, the report's
+order. It imports nothing from the kit; the derived names it used to spell out by hand
+(``LINES``, ``LINE_OF``, ``GRADIENT_ORDER``, ``PARAMETERS``, ``CONSTANTS``, ``consumers``,
+``producer``, ``run_line``, ``line_vjp``, ``forward_expanded``, ``autograd_truth``, ``Truth``,
+``Line``) are still importable from here: they are looked up in
+:mod:`pytest_backprop.problems.lecture` on first use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from types import CodeType
-from typing import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,77 +44,100 @@ class Config:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
-
-@dataclass(frozen=True)
-class Line:
-    """One line of the expanded forward pass: ``output = <source right-hand side>``."""
-
-    output: str
-    source: str
-    inputs: tuple[str, ...]  # differentiable tensors the line reads, in order of appearance
-    constants: tuple[str, ...] = ()  # non-differentiable names it reads (n, Xb, Yb)
+    def sizes(self) -> dict[str, int]:
+        """The problem's named sizes (:data:`SIZES`' keys) of this configuration."""
+        return {name: getattr(self, name) for name in SIZES}
 
 
-LINES: tuple[Line, ...] = (
-    Line("emb", "emb = C[Xb]", ("C",), ("Xb",)),
-    Line("embcat", "embcat = emb.view(emb.shape[0], -1)", ("emb",)),
-    Line("hprebn", "hprebn = embcat @ W1 + b1", ("embcat", "W1", "b1")),
-    Line("bnmeani", "bnmeani = 1/n*hprebn.sum(0, keepdim=True)", ("hprebn",), ("n",)),
-    Line("bndiff", "bndiff = hprebn - bnmeani", ("hprebn", "bnmeani")),
-    Line("bndiff2", "bndiff2 = bndiff**2", ("bndiff",)),
-    Line("bnvar", "bnvar = 1/(n-1)*(bndiff2).sum(0, keepdim=True)", ("bndiff2",), ("n",)),
-    Line("bnvar_inv", "bnvar_inv = (bnvar + 1e-5)**-0.5", ("bnvar",)),
-    Line("bnraw", "bnraw = bndiff * bnvar_inv", ("bndiff", "bnvar_inv")),
-    Line("hpreact", "hpreact = bngain * bnraw + bnbias", ("bngain", "bnraw", "bnbias")),
-    Line("h", "h = torch.tanh(hpreact)", ("hpreact",)),
-    Line("logits", "logits = h @ W2 + b2", ("h", "W2", "b2")),
-    Line("logit_maxes", "logit_maxes = logits.max(1, keepdim=True).values", ("logits",)),
-    Line("norm_logits", "norm_logits = logits - logit_maxes", ("logits", "logit_maxes")),
-    Line("counts", "counts = norm_logits.exp()", ("norm_logits",)),
-    Line("counts_sum", "counts_sum = counts.sum(1, keepdims=True)", ("counts",)),
-    Line("counts_sum_inv", "counts_sum_inv = counts_sum**-1", ("counts_sum",)),
-    Line("probs", "probs = counts * counts_sum_inv", ("counts", "counts_sum_inv")),
-    Line("logprobs", "logprobs = probs.log()", ("probs",)),
-    Line("loss", "loss = -logprobs[range(n), Yb].mean()", ("logprobs",), ("n", "Yb")),
-)
+# --- the lecture as a problem ------------------------------------------------------------------
 
-PARAMETERS: tuple[str, ...] = ("C", "W1", "b1", "bngain", "bnbias", "W2", "b2")
-CONSTANTS: tuple[str, ...] = ("n", "Xb", "Yb")
+NAME = "makemore MLP (the lecture)"
 
-#: The 26 tensors that get a gradient, in the lecture's checking order (backward order).
-GRADIENT_ORDER: tuple[str, ...] = (
+#: Named sizes and their defaults: the fields of :class:`Config` (the seed is the run's).
+SIZES: dict[str, int] = {"batch_size": 32, "vocab_size": 27, "n_embd": 10, "n_hidden": 64, "block_size": 3}
+
+#: What the property checks may draw: batch >= 2 (Bessel's n-1), vocabulary >= 2.
+SIZE_RANGES: dict[str, tuple[int, int]] = {"batch_size": (2, 64), "vocab_size": (2, 54), "n_embd": (1, 20),
+                                           "n_hidden": (1, 128), "block_size": (1, 6)}
+
+#: The 26 tensors that get a gradient, in the lecture's checking order. The kit's default order
+#: (:func:`pytest_backprop.problems.table.backward_order`) differs only in listing bnraw before bnbias.
+ORDER: tuple[str, ...] = (
     "logprobs", "probs", "counts_sum_inv", "counts_sum", "counts", "norm_logits", "logit_maxes",
     "logits", "h", "W2", "b2", "hpreact", "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar",
     "bndiff2", "bndiff", "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C",
 )
 
-LINE_OF: dict[str, Line] = {line.output: line for line in LINES}
+
+def forward(C, W1, b1, bngain, bnbias, W2, b2, n, Xb, Yb):
+    """The lecture's expanded forward pass: 20 lines, 26 tensors get a gradient."""
+    emb = C[Xb]
+    embcat = emb.view(emb.shape[0], -1)
+    hprebn = embcat @ W1 + b1
+    bnmeani = 1/n*hprebn.sum(0, keepdim=True)
+    bndiff = hprebn - bnmeani
+    bndiff2 = bndiff**2
+    bnvar = 1/(n-1)*(bndiff2).sum(0, keepdim=True)  # Bessel's correction
+    bnvar_inv = (bnvar + 1e-5)**-0.5
+    bnraw = bndiff * bnvar_inv
+    hpreact = bngain * bnraw + bnbias
+    h = torch.tanh(hpreact)
+    logits = h @ W2 + b2
+    logit_maxes = logits.max(1, keepdim=True).values
+    norm_logits = logits - logit_maxes
+    counts = norm_logits.exp()
+    counts_sum = counts.sum(1, keepdims=True)
+    counts_sum_inv = counts_sum**-1
+    probs = counts * counts_sum_inv
+    logprobs = probs.log()
+    loss = -logprobs[range(n), Yb].mean()
+    return loss
 
 
-def consumers(tensor: str) -> tuple[Line, ...]:
-    """The lines that read ``tensor``; its gradient is the sum of their contributions.
+def make_inputs(sizes: Mapping[str, int], generator: torch.Generator, *, dataset: Any = None) -> dict[str, Any]:
+    """The parameters, then the batch, from ``generator``, as the lecture draws them.
+
+    With ``dataset`` (a :class:`reference_model.data.Dataset`: ``Xtr``, ``Ytr``) the batch is the
+    lecture's ``ix = torch.randint(0, Xtr.shape[0], (batch_size,), generator=g)``; without one the
+    contexts and targets are drawn uniformly from the vocabulary (any sizes, as the property checks
+    need).
 
     Example::
 
-        [l.output for l in consumers("counts")]   # ['counts_sum', 'probs']
+        inputs = make_inputs(SIZES, torch.Generator().manual_seed(LECTURE_SEED), dataset=ds)
+        loss = forward(**inputs)
     """
-    return tuple(line for line in LINES if tensor in line.inputs)
+    config = Config(**{name: sizes[name] for name in SIZES})
+    params = _draw_params(config, generator)
+    n = config.batch_size
+    if dataset is None:
+        Xb = torch.randint(0, config.vocab_size, (n, config.block_size), generator=generator)
+        Yb = torch.randint(0, config.vocab_size, (n,), generator=generator)
+    else:
+        if dataset.Xtr.shape[1] != config.block_size or getattr(dataset, "vocab_size", config.vocab_size) != config.vocab_size:
+            raise ValueError(f"the dataset has block_size {dataset.Xtr.shape[1]} and vocab_size "
+                             f"{getattr(dataset, 'vocab_size', '?')}, the sizes ask for {config.block_size} and "
+                             f"{config.vocab_size}")
+        Xb, Yb = _draw_batch(dataset.Xtr, dataset.Ytr, n, generator)
+    return {**params, "n": n, "Xb": Xb, "Yb": Yb}
 
 
-def producer(tensor: str) -> Line | None:
-    """The line that computes ``tensor``, or None for a parameter."""
-    return LINE_OF.get(tensor)
+def _draw_params(config: Config, g: torch.Generator) -> dict[str, torch.Tensor]:
+    V, E, H, B = config.vocab_size, config.n_embd, config.n_hidden, config.block_size
+    return {
+        "C": torch.randn((V, E), generator=g),
+        "W1": torch.randn((E * B, H), generator=g) * (5 / 3) / ((E * B) ** 0.5),
+        "b1": torch.randn(H, generator=g) * 0.1,
+        "W2": torch.randn((H, V), generator=g) * 0.1,
+        "b2": torch.randn(V, generator=g) * 0.1,
+        "bngain": torch.randn((1, H), generator=g) * 0.1 + 1.0,
+        "bnbias": torch.randn((1, H), generator=g) * 0.1,
+    }
 
 
-@lru_cache(maxsize=None)
-def _compiled(source: str) -> CodeType:
-    return compile(source, f"<forward: {source}>", "exec")
-
-
-def run_line(line: Line, namespace: dict) -> torch.Tensor:
-    """Execute one line's exact source text in ``namespace`` and return its output."""
-    exec(_compiled(line.source), {"torch": torch, "F": F}, namespace)
-    return namespace[line.output]
+def _draw_batch(Xtr: torch.Tensor, Ytr: torch.Tensor, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ix = torch.randint(0, Xtr.shape[0], (n,), generator=g)
+    return Xtr[ix], Ytr[ix]
 
 
 def init_params(config: Config = Config(), *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -126,16 +154,7 @@ def init_params(config: Config = Config(), *, dtype: torch.dtype = torch.float32
         sum(t.numel() for t in p.values())   # 4137
     """
     g = torch.Generator().manual_seed(config.seed)
-    V, E, H, B = config.vocab_size, config.n_embd, config.n_hidden, config.block_size
-    params = {
-        "C": torch.randn((V, E), generator=g),
-        "W1": torch.randn((E * B, H), generator=g) * (5 / 3) / ((E * B) ** 0.5),
-        "b1": torch.randn(H, generator=g) * 0.1,
-        "W2": torch.randn((H, V), generator=g) * 0.1,
-        "b2": torch.randn(V, generator=g) * 0.1,
-        "bngain": torch.randn((1, H), generator=g) * 0.1 + 1.0,
-        "bnbias": torch.randn((1, H), generator=g) * 0.1,
-    }
+    params: dict[str, Any] = _draw_params(config, g)
     params["_generator"] = g  # type: ignore[assignment]  # popped by callers that sample a batch
     return {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
 
@@ -151,8 +170,8 @@ def lecture_params_and_batch(
     """
     params = init_params(config, dtype=dtype)
     g = params.pop("_generator")
-    ix = torch.randint(0, Xtr.shape[0], (config.batch_size,), generator=g)
-    return params, Xtr[ix], Ytr[ix]
+    Xb, Yb = _draw_batch(Xtr, Ytr, config.batch_size, g)
+    return params, Xb, Yb
 
 
 def params_only(config: Config = Config(), *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -160,18 +179,6 @@ def params_only(config: Config = Config(), *, dtype: torch.dtype = torch.float32
     params = init_params(config, dtype=dtype)
     params.pop("_generator")
     return params
-
-
-def forward_expanded(params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run the 20 lines of :data:`LINES` and return every tensor by name (``loss`` included).
-
-    Tensors keep whatever autograd history ``params`` gives them.
-    """
-    namespace: dict = dict(params)
-    namespace.update(n=Xb.shape[0], Xb=Xb, Yb=Yb)
-    for line in LINES:
-        run_line(line, namespace)
-    return namespace
 
 
 def forward_fused(params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -197,64 +204,21 @@ def forward_fused(params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torc
             "loss": loss, "n": Xb.shape[0], "Xb": Xb, "Yb": Yb}
 
 
-@dataclass(frozen=True)
-class Truth:
-    """The forward tensors (detached) and autograd's gradients of all 26 of them, in one dtype."""
-
-    dtype: torch.dtype
-    values: dict[str, torch.Tensor]  # every line output and parameter, detached; plus n, Xb, Yb
-    grads: dict[str, torch.Tensor]   # the 26 gradients, keyed by tensor name
-    loss: float = field(default=float("nan"))
-
-
-def autograd_truth(
-    params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, *, dtype: torch.dtype = torch.float32
-) -> Truth:
-    """Autograd's gradients of the 26 tensors: ``retain_grad`` on every line, then ``loss.backward()``.
-
-    Example::
-
-        t = autograd_truth(params, Xb, Yb)
-        t.grads["counts_sum_inv"].shape   # torch.Size([32, 1])
-    """
-    leaves = {k: v.detach().to(dtype).requires_grad_(True) for k, v in params.items()}
-    with torch.enable_grad():
-        tensors = forward_expanded(leaves, Xb, Yb)
-        for name in GRADIENT_ORDER:
-            if name not in leaves:
-                tensors[name].retain_grad()
-        tensors["loss"].backward()
-    grads = {name: tensors[name].grad.detach() for name in GRADIENT_ORDER}
-    values = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in tensors.items()}
-    return Truth(dtype, values, grads, float(tensors["loss"].detach()))
-
-
 def parameter_count(params: Mapping[str, torch.Tensor]) -> int:
-    """Number of scalars in the parameters (4137 for the lecture's network)."""
-    return sum(p.numel() for k, p in params.items() if k in PARAMETERS)
+    """Number of scalars in the parameters (4137 for the lecture's network): every float tensor given."""
+    return sum(p.numel() for p in params.values() if isinstance(p, torch.Tensor) and p.is_floating_point())
 
 
-def gradient_names() -> Iterable[str]:
-    """The 26 gradient names in backward order (same as :data:`GRADIENT_ORDER`)."""
-    return iter(GRADIENT_ORDER)
+#: Names derived by the kit from :func:`forward` (see the module docstring).
+_DERIVED = frozenset({"LINES", "LINE_OF", "GRADIENT_ORDER", "PARAMETERS", "CONSTANTS", "Line", "Truth", "consumers",
+                      "producer", "run_line", "line_vjp", "forward_expanded", "autograd_truth", "gradient_names"})
 
 
-def line_vjp(line: Line, values: Mapping[str, torch.Tensor], upstream: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Autograd's vector-Jacobian product of one line: the contribution of ``upstream`` (the gradient
-    of ``line.output``) to the gradient of each of the line's inputs.
+def __getattr__(name: str) -> Any:
+    if name in _DERIVED:
+        from pytest_backprop.problems import lecture  # the derivation lives in the kit; only on first use
 
-    ``values`` holds the line's inputs and constants (n, Xb, Yb). Used for per-line checks, for
-    ``missing_branch`` hints and for chaining per-line answers.
-
-    Example::
-
-        vjp = line_vjp(LINE_OF["probs"], values, dprobs)
-        vjp["counts"], vjp["counts_sum_inv"]   # counts_sum_inv * dprobs, (counts * dprobs).sum(1, keepdim=True)
-    """
-    namespace: dict = {k: values[k] for k in line.constants}
-    leaves = {k: values[k].detach().clone().requires_grad_(True) for k in line.inputs}
-    namespace.update(leaves)
-    with torch.enable_grad():
-        out = run_line(line, namespace)
-        grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=upstream.to(out.dtype), allow_unused=True)
-    return {k: (g if g is not None else torch.zeros_like(leaves[k])).detach() for k, g in zip(leaves, grads)}
+        value = getattr(lecture, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

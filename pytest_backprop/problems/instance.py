@@ -1,6 +1,8 @@
-"""One instance of the exercise: data, parameters, batch, forward values and the true gradients.
+"""One instance of a problem: its inputs, forward values, true gradients and tolerances.
 
 The same object backs the ``makemore_forward`` fixture and the built-in checks of ``--backprop``.
+``problem.spec`` is the :class:`~pytest_backprop.problems.spec.ProblemSpec` it is an instance of
+(the lecture's unless built from another with :func:`problem_from_spec`).
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ from typing import Any, Mapping
 import torch
 
 from reference_model.data import Words, build_splits, load_words
-from reference_model.model import (
-    GRADIENT_ORDER,
-    Config,
-    Truth,
-    autograd_truth,
-    lecture_params_and_batch,
-)
+from reference_model.model import Config
 
+from .forward import Truth
+from .lecture import LECTURE, lecture_inputs
+from .spec import DEFAULT_SEED, ProblemSpec
 from .tolerance import Reference, Tolerance, attach, derive
 
 
 @dataclass
 class Problem:
-    """Forward values and true gradients of the lecture's network on one batch.
+    """Forward values and true gradients of a problem on one set of inputs (the lecture's network
+    on one batch by default).
+
+    ``config``, ``words``, ``Xb`` and ``Yb`` are the lecture's (None for another problem);
+    ``params`` are the leaves, in the run's dtype.
 
     Example::
 
@@ -32,21 +35,35 @@ class Problem:
         p["counts"]              # forward value; p["counts"].grad is the true dcounts
         p.grads["counts"]        # the true dcounts (float32 autograd, the lecture's t.grad)
         p.tolerances["b1"].atol  # the rule's tolerance for db1
+        p.spec.consumers("counts")   # the lines that read counts
     """
 
-    config: Config
+    config: Config | None
     dtype: torch.dtype
     words: Words | None
     params: dict[str, torch.Tensor]
-    Xb: torch.Tensor
-    Yb: torch.Tensor
+    Xb: torch.Tensor | None
+    Yb: torch.Tensor | None
     truth: Truth  # autograd in ``dtype``: the lecture's ``t.grad``
     truth64: Truth  # autograd in float64: what the tolerance rule compares with
     tolerances: dict[str, Tolerance]
+    spec: ProblemSpec | None = None  # None: the lecture's
+    sizes: dict[str, int] | None = None  # None: from ``config`` (the lecture's)
+    inputs: dict[str, Any] | None = None  # what make_inputs returned (None when built from truths by hand)
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = LECTURE
+        if self.sizes is None:
+            self.sizes = (self.config.with_(batch_size=self.n).sizes() if self.config is not None
+                          else dict(self.spec.sizes))
 
     @property
     def n(self) -> int:
-        return int(self.Xb.shape[0])
+        """The batch size: the lecture's Xb rows; another problem's size ``n`` when it has one."""
+        if self.Xb is not None:
+            return int(self.Xb.shape[0])
+        return int((self.sizes or {}).get("n", 0))
 
     @property
     def grads(self) -> dict[str, torch.Tensor]:
@@ -69,30 +86,30 @@ class Problem:
         return out
 
     def globals(self) -> dict[str, Any]:
-        """The lecture's other globals a student's code may refer to."""
-        c = self.config
-        return {"vocab_size": c.vocab_size, "n_embd": c.n_embd, "n_hidden": c.n_hidden,
-                "block_size": c.block_size, "batch_size": self.n}
+        """The named sizes, as globals a student's code may refer to (the lecture's vocab_size,
+        n_embd, n_hidden, block_size and batch_size)."""
+        return dict(self.sizes or {})
 
 
-def problem_from_batch(config: Config, params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, *,
-                       dtype: torch.dtype = torch.float32, words: Words | None = None) -> Problem:
-    """Compute the truths and tolerances for given parameters and batch, at any sizes.
+def truths_and_tolerances(spec: ProblemSpec, inputs: Mapping[str, Any], dtype: torch.dtype
+                          ) -> tuple[Truth, Truth, dict[str, Tolerance]]:
+    """The truth in ``dtype`` and in float64, and every gradient's tolerance; each true gradient
+    carries its float64 truth and tolerance, and each forward value its true gradient in ``.grad``.
 
     In float64 each tolerance is widened to the float64 noise floor (:mod:`pytest_backprop.problems.noise`),
     so that a correct float64 answer never fails where the true gradient is a cancellation.
     """
-    truth32 = autograd_truth(params, Xb, Yb, dtype=torch.float32) if dtype != torch.float32 else None
-    truth = autograd_truth(params, Xb, Yb, dtype=dtype)
-    truth64 = autograd_truth(params, Xb, Yb, dtype=torch.float64) if dtype != torch.float64 else truth
+    truth32 = spec.truth(inputs, dtype=torch.float32) if dtype != torch.float32 else None
+    truth = spec.truth(inputs, dtype=dtype)
+    truth64 = spec.truth(inputs, dtype=torch.float64) if dtype != torch.float64 else truth
     reference32 = truth32 or truth
     floor = None
     if dtype == torch.float64:
-        from .noise import FLOAT64_SLACK, noise_floor
+        from .noise import FLOAT64_SLACK
 
-        floor = noise_floor(truth64.values, truth64.grads)
+        floor = spec.noise_floor(truth64.values, truth64.grads)
     tolerances: dict[str, Tolerance] = {}
-    for name in GRADIENT_ORDER:
+    for name in spec.order:
         tol = derive(reference32.grads[name], truth64.grads[name], dtype)
         if floor is not None:
             tol = Tolerance(atol=max(tol.atol * FLOAT64_SLACK, floor[name]), rtol=tol.rtol,
@@ -101,17 +118,61 @@ def problem_from_batch(config: Config, params: Mapping[str, torch.Tensor], Xb: t
         attach(truth.grads[name], Reference(truth64.grads[name], tol))
         value = truth.values[name]
         value.grad = truth.grads[name]
+    return truth, truth64, tolerances
+
+
+def problem_from_inputs(spec: ProblemSpec, inputs: Mapping[str, Any], *, dtype: torch.dtype = torch.float32,
+                        sizes: Mapping[str, int] | None = None) -> Problem:
+    """A problem instance at given inputs (what ``spec.inputs(...)`` returns, or your own).
+
+    Example::
+
+        p = problem_from_inputs(spec, spec.inputs({"n": 4}), dtype=torch.float64)
+        p.grads["W1"]            # autograd's dW1 in float64, carrying its tolerance
+    """
+    truth, truth64, tolerances = truths_and_tolerances(spec, inputs, dtype)
+    params = {k: inputs[k].detach().to(dtype) for k in spec.leaves}
+    return Problem(None, dtype, None, params, None, None, truth, truth64, tolerances, spec,
+                   dict(sizes) if sizes is not None else dict(spec.sizes), dict(inputs))
+
+
+def problem_from_spec(spec: ProblemSpec, sizes: Mapping[str, int] | None = None, *, seed: int = DEFAULT_SEED,
+                      dtype: torch.dtype = torch.float32, **data: Any) -> Problem:
+    """A problem instance at ``sizes`` (the defaults updated), inputs from ``spec.make_inputs``
+    with a generator seeded with ``seed``; ``data`` goes to ``make_inputs`` as keyword arguments.
+
+    Example::
+
+        p = problem_from_spec(load_spec("examples/problems/two_layer_relu.py"), {"n": 16})
+        p.grads["W1"], p.tolerances["W1"]
+    """
+    full = spec.check_sizes(sizes)
+    return problem_from_inputs(spec, spec.inputs(full, seed=seed, **data), dtype=dtype, sizes=full)
+
+
+def problem_from_batch(config: Config, params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, *,
+                       dtype: torch.dtype = torch.float32, words: Words | None = None) -> Problem:
+    """The lecture's problem for given parameters and batch, at any sizes: truths and tolerances.
+
+    In float64 each tolerance is widened to the float64 noise floor (:mod:`pytest_backprop.problems.noise`),
+    so that a correct float64 answer never fails where the true gradient is a cancellation.
+    """
+    inputs = lecture_inputs(params, Xb, Yb)
+    truth, truth64, tolerances = truths_and_tolerances(LECTURE, inputs, dtype)
     p = {k: v.detach().to(dtype) for k, v in params.items()}
-    return Problem(config, dtype, words, p, Xb, Yb, truth, truth64, tolerances)
+    return Problem(config, dtype, words, p, Xb, Yb, truth, truth64, tolerances, LECTURE,
+                   config.with_(batch_size=int(Xb.shape[0])).sizes(), inputs)
 
 
 def build_problem(words: Words, config: Config = Config(), *, dtype: torch.dtype = torch.float32,
                   block_seed: int = 42) -> Problem:
-    """The lecture's setting: dataset from ``words``, parameters then batch from the seeded generator."""
+    """The lecture's setting: dataset from ``words``, parameters then batch from the seeded generator
+    (the lecture's ``make_inputs`` with the dataset)."""
     dataset = build_splits(words, config.block_size, seed=block_seed)
     config = config.with_(vocab_size=dataset.vocab_size)
-    params, Xb, Yb = lecture_params_and_batch(dataset.Xtr, dataset.Ytr, config)
-    return problem_from_batch(config, params, Xb, Yb, dtype=dtype, words=words)
+    inputs = LECTURE.inputs(config.sizes(), seed=config.seed, dataset=dataset)
+    params = {k: inputs[k] for k in LECTURE.leaves}
+    return problem_from_batch(config, params, inputs["Xb"], inputs["Yb"], dtype=dtype, words=words)
 
 
 def resolve_words(names: str | None) -> Words:
