@@ -250,3 +250,27 @@ def test_a_plain_script_assigning_C_is_warned_about_with_its_statement(tmp_path,
     warning = next(w for w in graded.warnings if w.code == "reassigned_name")
     assert "own.py:1" in warning.message and "C = torch.randn((27, 10))" in warning.message
     assert "for C in range" not in warning.message
+
+
+def test_a_fused_cross_entropy_that_goes_on_down_the_backward_is_exercise_1_and_2(tmp_path, problem):
+    rest = base.EX1.split("dlogits += F.one_hot(logits.max(1).indices, num_classes=logits.shape[1]) * dlogit_maxes\n")[1]
+    cell = "dlogits = F.softmax(logits, 1)\ndlogits[range(n), Yb] -= 1\ndlogits /= n\n" + rest
+    impl = load(tmp_path, layouts.frame(cell))
+    assert impl.cells_of("ex1") == [9] and impl.cells_of("ex2") == [9]
+    verdicts, _ = grade(impl, problem)
+    assert all(verdicts[t].status == "pass" for t in layouts.GRADIENTS[layouts.GRADIENTS.index("logits"):])
+    assert grade(impl, problem, "ex2")[0]["logits"].status == "pass"
+
+
+def test_plotting_lines_in_an_exercise_cell_do_nothing(tmp_path, problem):
+    ex1 = base.EX1.replace("dh = dlogits @ W2.T", "plt.figure(figsize=(8, 8))\nplt.imshow(dlogits.detach(), cmap='gray')\n"
+                           "dh = dlogits @ W2.T")
+    verdicts, graded = grade(load(tmp_path, layouts.frame(ex1, base.CMP_CALLS)), problem)
+    assert statuses(verdicts) == {"pass"} and not [w for w in graded.warnings if w.code == "statement_error"]
+
+
+def test_a_cell_pasted_with_one_leading_space_on_its_first_line_only(tmp_path, problem):
+    lines = base.EX1.splitlines()
+    cell = " " + lines[0] + "\n" + "\n".join(" " + ln for ln in lines[1:5]) + "\n" + "\n".join(lines[5:])
+    verdicts, graded = grade(load(tmp_path, layouts.frame(cell, base.CMP_CALLS)), problem)
+    assert statuses(verdicts) == {"pass"}

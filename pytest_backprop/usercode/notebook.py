@@ -43,7 +43,6 @@ from __future__ import annotations
 import ast
 import operator
 import re
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,9 @@ _ASSIGN_TEXT = re.compile(r"^\s*([A-Za-z_][A-Za-z_0-9]*)\s*(?:\[[^\]]*\])?\s*(?:
 #: Cell magics whose body is not Python: such cells never run.
 FOREIGN_CELL_MAGICS = frozenset({"bash", "sh", "script", "writefile", "file", "html", "javascript", "js", "markdown",
                                  "latex", "svg", "perl", "ruby", "python2", "sx", "system", "pypy"})
+#: Modules that only draw or display: an exercise cell's `plt.imshow(...)` must not stop it, so in the
+#: kit's runs their names stand for :class:`Inert` objects.
+DISPLAY_MODULES = ("matplotlib", "seaborn", "IPython", "plotly", "tqdm")
 SAFE_IMPORTS = frozenset({"torch", "math", "random", "numpy", "torch.nn.functional", "torch.nn", "itertools",
                           "functools", "collections"})
 #: Names the kit supplies: forward values, parameters, batch, the lecture's globals, torch, F and cmp (a
@@ -78,6 +80,14 @@ FUSED: dict[str, tuple[str, frozenset[str]]] = {
     "ex2": ("logits", frozenset(GRADIENT_ORDER[:GRADIENT_ORDER.index("logits")])),
     "ex3": ("hprebn", frozenset(t for t in GRADIENT_ORDER[GRADIENT_ORDER.index("hpreact") + 1:GRADIENT_ORDER.index("hprebn")]
                                 if t not in PARAMETERS)),
+}
+
+
+#: What a fused exercise's cell may write besides its target without being Exercise 1's too: a bridging
+#: line for the upstream gradient, and the parameter gradients the lecture's Exercise 3 cell computes.
+FUSED_COMPANIONS: dict[str, frozenset[str]] = {
+    "ex2": frozenset({"logits"}),
+    "ex3": frozenset({"hprebn", "hpreact", "bngain", "bnbias"}),
 }
 
 
@@ -105,8 +115,17 @@ def strip_magics(source: str) -> str:
         elif _HELP.match(line):
             line = _HELP.sub(r"\1pass  # \2", line)
         out.append(line)
-    text = "\n".join(out)
-    return textwrap.dedent(text) if out and out[0][:1] in (" ", "\t") else text
+    return "\n".join(_leading_indent(out))
+
+
+def _leading_indent(lines: list[str]) -> list[str]:
+    """IPython's ``leading_indent``: when a cell's first line is indented, that indentation is removed
+    from every line that starts with it (a cell pasted with one leading space runs)."""
+    first = next((ln for ln in lines if ln.strip()), "")
+    indent = first[:len(first) - len(first.lstrip())]
+    if not indent:
+        return lines
+    return [ln[len(indent):] if ln.startswith(indent) else ln for ln in lines]
 
 
 def _is_training(tree: ast.Module) -> bool:
@@ -235,7 +254,10 @@ def classify(cells: list[Cell], *, where: str = "the notebook") -> Detection:
     found: dict[str, list[Cell]] = {ex: [] for ex in EXERCISES}
     for cell in untagged:
         if grads(cell.stores) or cell.cmp_tensors:
-            found[fused(cell) or "ex1"].append(cell)
+            exercise = fused(cell)
+            found[exercise or "ex1"].append(cell)
+            if exercise is not None and grads(cell.stores) - FUSED_COMPANIONS[exercise]:
+                found["ex1"].append(cell)  # the fused formula, and the rest of the backward from it: Exercise 1 too
     chosen = {ex: [c for c in usable if c.tagged(ex)] or found[ex] for ex in EXERCISES}
     taken = {c.index for cs in chosen.values() for c in cs}
     support: dict[str, list[Cell]] = {}
@@ -326,6 +348,9 @@ def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]
                         constants[t.id] = known[t.id] = value
             elif isinstance(node, ast.FunctionDef) and node.name != "cmp":
                 keep.append(node)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and _display_import(node):
+                for alias in node.names:
+                    constants[(alias.asname or alias.name).split(".")[0]] = Inert()
             elif isinstance(node, ast.Import) and all(a.name in SAFE_IMPORTS for a in node.names):
                 keep.append(node)
             elif isinstance(node, ast.ImportFrom) and node.module in SAFE_IMPORTS and node.level == 0:
@@ -333,6 +358,36 @@ def earlier_definitions(cells: list[Cell], before: int, supplied: dict[str, Any]
         if keep:
             defs.append(ast.Module(body=keep, type_ignores=[]))
     return constants, defs
+
+
+class Inert:
+    """Stands for a plotting or display module in the kit's runs: every attribute and call gives itself
+    back, so ``plt.figure(figsize=(8, 8)); plt.imshow(dlogits.detach())`` does nothing.
+
+    Example::
+
+        plt = Inert()
+        plt.imshow(x, cmap="gray").set_title("dlogits")   # no effect
+    """
+
+    def __getattr__(self, name: str) -> "Inert":
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "Inert":
+        return self
+
+    def __iter__(self):  # `fig, ax = plt.subplots()`
+        return iter((self, self))
+
+    def __repr__(self) -> str:
+        return "<a plotting module: ignored while the kit grades>"
+
+
+def _display_import(node: ast.Import | ast.ImportFrom) -> bool:
+    modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+    return all(m.split(".")[0] in DISPLAY_MODULES for m in modules)
 
 
 def defining_cells(cells: list[Cell], name: str) -> list[Cell]:
