@@ -7,12 +7,14 @@ requested, the plugin costs nothing. The work happens in modules imported lazily
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import options
 from .fixtures import (  # noqa: F401 -- imported so that pytest registers the fixtures with the plugin
+    backprop_student,
     makemore_batch,
     makemore_config,
     makemore_dataset,
@@ -61,8 +63,16 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"{', '.join(needs_checks)} has no effect without --backprop (the built-in checks are off)"), stacklevel=2)
 
 
-#: Options that only mean something while the built-in checks run.
-KIT_ONLY = ("impl", "json", "examples", "broadcast", "steps", "plots", "isolate")
+#: Options that only mean something while the built-in checks run (impl and isolate serve backprop_student too).
+KIT_ONLY = ("json", "examples", "broadcast", "steps", "plots")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Before any report is written: the isolated children end, with every process they spawned.
+    isolate = sys.modules.get("pytest_backprop.usercode.isolate")  # loaded only if isolation was used
+    if isolate is not None:
+        isolate.close_all()
 
 
 class BackpropSession:
