@@ -442,9 +442,14 @@ def relative_paths(text: str, folders: Sequence[str]) -> str:
     Example::
 
         relative_paths("raised at /tmp/ag/homework.py:3", ["/tmp/ag/"])   # 'raised at homework.py:3'
+        relative_paths("looked in /tmp/ag", ["/tmp/ag/"])                   # 'looked in .'
     """
+    import re
+
     for folder in folders:
         text = text.replace(folder, "")
+        # the folder itself, as a word ("looked in /tmp/ag and ..."): the submission's folder is "."
+        text = re.sub(re.escape(folder.rstrip(os.sep)) + r"(?=$|[\s'\"),:;])", ".", text)
     return text
 
 

@@ -76,7 +76,8 @@ MAX_DEATHS = 3
 #: Characters of the user's output forwarded per run (the rest is cut).
 MAX_OUTPUT = 20_000
 _MAX_FRAME = 1 << 34  # a reply announcing more bytes than this is not read
-_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_CHILD_SUBREAPER, _PR_SET_PDEATHSIG = 36, 1
+_real_exit = os._exit  # taken at import, before any user code can replace it
 
 
 @dataclass(frozen=True)
@@ -440,11 +441,14 @@ def resolve_user(user: int | str) -> tuple[int, int]:
 # --- the child's side ----------------------------------------------------------------------------
 
 def _become_subreaper() -> None:
-    """Orphans of the user's processes are re-parented to this child (Linux), so none escapes."""
+    """Orphans of the user's processes are re-parented to this child, so none escapes it; and this
+    child is killed when the grader dies (Linux; elsewhere nothing happens)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
@@ -506,6 +510,7 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
     except BaseException:  # noqa: BLE001 -- a broken kit install, say: tell the grader
         reply(("crash", traceback.format_exc()))
         impl = None
+    owner = os.getpid()
     while impl is not None:
         frame = _read_frame(requests_fd, None)
         if frame is None:
@@ -514,11 +519,13 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
             answer = _serve(impl, pickle.loads(frame))
         except BaseException:  # noqa: BLE001 -- report anything to the grader
             answer = ("crash", traceback.format_exc())
+        if os.getpid() != owner:  # a fork of the user's code came back here (its os._exit became SystemExit)
+            _real_exit(0)
         _reap(kill_tree(os.getpid(), include_root=False))  # what the user's code started ends with the run
         sys.stdout.flush()
         sys.stderr.flush()
         reply(answer)
-    os._exit(0)  # no interpreter teardown, no atexit handlers: the user's code may have left them behind
+    _real_exit(0)  # no interpreter teardown, no atexit handlers: the user's code may have left them behind
 
 
 # --- the grader's side ---------------------------------------------------------------------------
@@ -678,8 +685,10 @@ class IsolatedImplementation(Implementation):
     """
 
     def __init__(self, spec: str, rootdir: Path, timeout: float | None = None, *, user: int | str | None = None):
-        local = Path(spec)
-        self.spec = str(local.resolve()) if local.is_file() else spec
+        from .loaders import find_file
+
+        found = find_file(spec, Path(rootdir))  # a missing file is a LoadError here: no process started
+        self.spec = str(found.resolve()) if found is not None else spec
         self.rootdir = Path(rootdir)
         self.user = user
         self.deaths = 0
