@@ -52,7 +52,6 @@ import sys
 import tempfile
 import time
 import traceback
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -490,7 +489,11 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
         os.set_inheritable(fd, False)  # programs the user's code starts do not get the kit's pipes
     torch.set_num_threads(1)  # tiny tensors: as in-process (pytest_backprop.problems.device.single_thread)
 
+    owner = os.getpid()
+
     def reply(value: Any) -> None:
+        if os.getpid() != owner:  # a fork of the user's code came back here (its os._exit became SystemExit)
+            _real_exit(0)
         try:
             data = to_wire(value)
         except Exception:  # noqa: BLE001 -- never leave the grader waiting
@@ -510,7 +513,6 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
     except BaseException:  # noqa: BLE001 -- a broken kit install, say: tell the grader
         reply(("crash", traceback.format_exc()))
         impl = None
-    owner = os.getpid()
     while impl is not None:
         frame = _read_frame(requests_fd, None)
         if frame is None:
@@ -519,7 +521,7 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
             answer = _serve(impl, pickle.loads(frame))
         except BaseException:  # noqa: BLE001 -- report anything to the grader
             answer = ("crash", traceback.format_exc())
-        if os.getpid() != owner:  # a fork of the user's code came back here (its os._exit became SystemExit)
+        if os.getpid() != owner:  # a fork of the user's code came back here: it must not serve
             _real_exit(0)
         _reap(kill_tree(os.getpid(), include_root=False))  # what the user's code started ends with the run
         sys.stdout.flush()
@@ -530,7 +532,7 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
 
 # --- the grader's side ---------------------------------------------------------------------------
 
-_LIVE: "weakref.WeakSet[WarmChild]" = weakref.WeakSet()
+_LIVE: "set[WarmChild]" = set()  # strong references: a child is never forgotten before it is closed
 
 
 def close_all() -> None:
