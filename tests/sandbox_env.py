@@ -25,6 +25,15 @@ import pytest
 SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (from /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def uid_in_use(uid: int) -> bool:
     """Whether any process runs as ``uid`` (real uid, from /proc)."""
     for entry in os.listdir("/proc"):

@@ -99,6 +99,25 @@ def test_hidden_patterns():
         gs.parse_hidden("ex1=secret")
 
 
+def test_the_catalogue_is_set_by_the_settings_alone():
+    from pytest_backprop.grading import points
+
+    keys = [key for key, _ in points.builtin_checks(steps=0, examples=0, broadcast=False)]
+    assert keys[:26] == [f"ex1::{t}" for t in ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts",
+                                                 "norm_logits", "logit_maxes", "logits", "h", "W2", "b2", "hpreact",
+                                                 "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff",
+                                                 "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C")]
+    assert keys[26:28] == ["ex2::logits", "ex3::hprebn"] and "ex4::sgd" not in keys
+    full = dict(points.builtin_checks(steps=5, examples=3, broadcast=True))
+    assert full["ex4::sgd"] == full["properties::ex2"] == full["properties::broadcast::ex1"] == 1
+    assert full["lines::h"] == full["properties::lines::h"] == full["properties::broadcast::logits"] == 0
+    assert points.keeps_points("fail", "inherited", "independent")
+    assert not points.keeps_points("fail", "inherited", "strict")
+    assert not points.keeps_points("fail", "scale", "independent") and not points.keeps_points("error", "inherited", "x")
+    assert "Exercise 3" in points.missing_reason("properties::ex3")
+    assert "Exercise 4 trains with your Exercise 1" in points.missing_reason("ex4::sgd")
+
+
 # --- results.json as a file --------------------------------------------------------------------
 
 def test_results_json_sums_passed_cases_and_is_strict_json(tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import EXAMPLES, REPO
-from sandbox_env import sandbox_python, sandbox_uid, uid_in_use  # noqa: F401 -- fixture
+from sandbox_env import alive, sandbox_python, sandbox_uid, uid_in_use  # noqa: F401 -- fixture
 
 from pytest_backprop.grading.autograder import build, try_autograder
 
@@ -112,6 +112,22 @@ def test_the_upload_holds_the_scripts_and_the_course(upload):
         with zipfile.ZipFile(upload) as zf:
             text = zf.read(script).decode()
         assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
+
+
+@pytest.mark.parametrize("filename, text", [
+    ("pytest.ini", "[pytest]\nbackprop_impl = hw.ipynb\n"),
+    ("pyproject.toml", '[tool.pytest.ini_options]\nbackprop_impl = "hw.ipynb"\n'),
+    ("tox.ini", "[tox]\n[pytest]\nbackprop_impl = hw.ipynb\n"),
+    ("setup.cfg", "[tool:pytest]\nbackprop_impl = hw.ipynb\n"),
+])
+def test_build_reads_backprop_impl_where_pytest_does(tmp_path, filename, text):
+    from pytest_backprop.grading.autograder import read_setting
+
+    (tmp_path / filename).write_text(text)
+    assert read_setting(tmp_path, "backprop_impl") == "hw.ipynb"
+    with zipfile.ZipFile(build(tmp_path, tmp_path / "out" / "a.zip")) as zf:
+        assert 'IMPL="hw.ipynb"' in zf.read("run_autograder").decode()
+        assert f"course/{filename}" in zf.namelist() and not any(n.startswith("course/out") for n in zf.namelist())
 
 
 def test_build_explains_a_folder_without_backprop_impl(tmp_path):
@@ -286,12 +302,6 @@ SPAWN = textwrap.dedent("""
 """)
 
 
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def assert_true_score(data: dict, reference: dict) -> None:

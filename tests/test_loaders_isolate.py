@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sandbox_env import sandbox_python, sandbox_uid, uid_in_use, world_readable_dir  # noqa: F401 -- fixture
+from sandbox_env import alive, sandbox_python, sandbox_uid, uid_in_use, world_readable_dir  # noqa: F401 -- fixture
 
 from pytest_backprop.judge.grade import verdicts_for_run
 from pytest_backprop.problems.instance import build_problem, resolve_words
@@ -48,13 +47,6 @@ def statuses(run, problem) -> dict[str, str]:
     return {v.tensor: v.status for v in verdicts_for_run("ex1", run, problem)}
 
 
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 # --- the wire -------------------------------------------------------------------------------------
@@ -397,3 +389,10 @@ def test_a_missing_file_is_reported_without_starting_a_child(pytester):
                                            "--backprop-examples=0", "--backprop-steps=0")
     result.stdout.fnmatch_lines(["*no such file: missing.py*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_an_answer_on_a_device_the_grader_lacks_is_judged_on_the_cpu():
+    plain = {"__tensor__": ["float32", [2], torch.tensor([1.0, 2.0]).numpy().tobytes(), "cuda:7"]}
+    back = isolate.from_plain(plain)
+    assert back.device.type == ("cuda" if torch.cuda.device_count() > 7 else "cpu")
+    assert torch.equal(back.cpu(), torch.tensor([1.0, 2.0]))

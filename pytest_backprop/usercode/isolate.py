@@ -167,8 +167,8 @@ def _tensor_from(fields: Any) -> torch.Tensor:
     if device != "cpu":
         try:
             t = t.to(device)
-        except (RuntimeError, ValueError):
-            pass  # the grader cannot use that device: judge the values on the CPU
+        except Exception:  # noqa: BLE001 -- no such device here (a CPU build raises AssertionError): judge on the CPU
+            pass
     return t
 
 
