@@ -55,6 +55,10 @@ def pytest_configure(config: pytest.Config) -> None:
             raise
         state = KitState(settings, config)
         config.stash[STATE_KEY] = state
+        if state.option("isolate"):  # the child loads the submission while pytest collects
+            from .usercode.isolate import start_early
+
+            start_early(settings.impl, settings.rootdir, timeout=settings.timeout, user=state.option("isolate-user"))
         config.pluginmanager.register(BackpropSession(config, state), "backprop-session")
     else:
         needs_checks = [o.flag for o in options.OPTIONS if o.name in KIT_ONLY and config.getoption(o.dest, None)]

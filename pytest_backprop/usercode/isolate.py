@@ -149,21 +149,24 @@ def to_plain(value: Any, depth: int = 0) -> Any:
     return {"__opaque__": describe_type(value)}
 
 
+_ITEMSIZE: dict[torch.dtype, int] = {}
+
+
 def _tensor_from(fields: Any) -> torch.Tensor:
     dtype_name, shape, raw, device = fields
     dtype = getattr(torch, str(dtype_name), None)
-    if not isinstance(dtype, torch.dtype) or not all(type(s) is int and s >= 0 for s in shape):
+    if not isinstance(dtype, torch.dtype) or type(shape) is not list or not all(type(s) is int and s >= 0 for s in shape):
         raise WireError(f"bad tensor: {dtype_name!r} {shape!r}")
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE.get(dtype) or _ITEMSIZE.setdefault(dtype, torch.empty((), dtype=dtype).element_size())
     if type(raw) is not bytes or len(raw) != numel * itemsize:
         raise WireError("bad tensor data")
     if numel == 0:
         t = torch.empty(shape, dtype=dtype)
     else:
-        t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+        t = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
     if device != "cpu":
         try:
             t = t.to(device)
@@ -594,19 +597,28 @@ class WarmChild:
             for fd in (req_r, rep_w, log_w):
                 os.close(fd)
         _LIVE.add(self)
-        hello = {"spec": spec, "rootdir": str(rootdir), "sys_path": list(sys.path)}
+        self.spec = spec
+        self._startup = (time.monotonic() + startup_timeout) if startup_timeout else None
+        self.exercises: tuple[str, ...] | None = None
+        self.description: str | None = None
+        try:  # the child loads the implementation as soon as it has started; ready() waits for it
+            _write_frame(self._req_w, _request_bytes({"spec": spec, "rootdir": str(rootdir), "sys_path": list(sys.path)}),
+                         self._startup)
+        except (OSError, TimeoutError):
+            pass  # it died at once: ready() says so
+
+    def ready(self) -> None:
+        """Wait until the child has loaded the implementation; raises LoadError if it could not."""
+        if self.exercises is not None:
+            return
         try:
-            status, data = self.request(hello, limit=startup_timeout)
+            status, data = self._receive(self._startup, time.monotonic())
         except ChildDied as exc:
-            raise LoadError(f"cannot load {spec} in a child process: {exc}") from None
-        if status == "load_error":
-            self.close()
-            raise LoadError(data)
+            raise LoadError(f"cannot load {self.spec} in a child process: {exc}") from None
         if status != "ok":
             self.close()
-            raise LoadError(f"cannot load {spec} in a child process:\n{data}")
-        self.exercises: tuple[str, ...] = tuple(data["exercises"])
-        self.description: str = data["description"]
+            raise LoadError(data if status == "load_error" else f"cannot load {self.spec} in a child process:\n{data}")
+        self.exercises, self.description = tuple(data["exercises"]), data["description"]
 
     @property
     def alive(self) -> bool:
@@ -629,16 +641,27 @@ class WarmChild:
 
     def request(self, request: Mapping[str, Any], *, limit: float | None) -> tuple[str, Any]:
         """Send one request and wait at most ``limit`` seconds for the answer; raises :class:`ChildDied`."""
+        self.ready()
         start = time.monotonic()
         deadline = start + limit if limit else None
         try:
             _write_frame(self._req_w, _request_bytes(request), deadline)
+        except TimeoutError:
+            self.close()
+            raise ChildDied(f"still running after {time.monotonic() - start:.0f} s; the process running your code "
+                            "was killed", timeout=True) from None
+        except OSError:
+            pass  # it died: _receive says how
+        return self._receive(deadline, start)
+
+    def _receive(self, deadline: float | None, start: float) -> tuple[str, Any]:
+        try:
             frame = _read_frame(self._rep_r, deadline, alive=lambda: self.proc.poll() is None)
         except TimeoutError:
             self.close()
             raise ChildDied(f"still running after {time.monotonic() - start:.0f} s; the process running your code "
                             "was killed", timeout=True) from None
-        except (BrokenPipeError, WireError, OSError):
+        except (WireError, OSError):
             frame = None
         if frame is None:
             code = self.proc.wait()
@@ -699,8 +722,12 @@ class IsolatedImplementation(Implementation):
         self.description = f"{self._child.description} (isolated)"
 
     def _start(self, timeout: float | None) -> WarmChild:
-        return WarmChild(self.spec, self.rootdir, startup_timeout=(timeout + STARTUP_GRACE) if timeout else None,
-                         user=self.user)
+        child = _EARLY.pop((self.spec, str(self.rootdir), self.user), None)
+        if child is None or not child.alive:
+            child = WarmChild(self.spec, self.rootdir, startup_timeout=(timeout + STARTUP_GRACE) if timeout else None,
+                              user=self.user)
+        child.ready()
+        return child
 
     def exercises(self) -> tuple[str, ...]:
         return tuple(self._exercises)
@@ -712,9 +739,15 @@ class IsolatedImplementation(Implementation):
         return static_source_spans(self.spec, self.rootdir)
 
     @staticmethod
-    def _sendable(problem: Problem) -> Problem:
-        # what running user code needs: not the names, not the float64 truth the judge compares with
-        return dataclasses.replace(problem, words=None, truth64=problem.truth, tolerances={})
+    def _sendable(problem: Problem, exercise: str | None = None) -> Problem:
+        """What running user code reads: the forward values (with the parameters), sizes, dtype, batch,
+        and the true gradients an exercise is handed (Exercise 3's upstream); not the names, the other
+        true gradients, the float64 truth or the tolerances, which stay with the judge."""
+        from .base import EXERCISE_UPSTREAM
+
+        given = {k: problem.truth.grads[k] for k in EXERCISE_UPSTREAM.get(exercise or "", ()) if k in problem.truth.grads}
+        truth = dataclasses.replace(problem.truth, grads=given)
+        return dataclasses.replace(problem, words=None, params={}, truth=truth, truth64=truth, tolerances={})
 
     def _ask(self, request: dict[str, Any], timeout: float | None) -> tuple[str, Any] | UserError:
         if self._child is None or not self._child.alive:
@@ -740,7 +773,7 @@ class IsolatedImplementation(Implementation):
 
     def run(self, exercise: str, problem: Problem, timeout: float | None, **kwargs: Any) -> RunResult:
         """Run ``exercise`` in the child; keyword arguments go to the child's ``run`` unchanged."""
-        answer = self._ask({"op": "run", "exercise": exercise, "problem": self._sendable(problem),
+        answer = self._ask({"op": "run", "exercise": exercise, "problem": self._sendable(problem, exercise),
                             "timeout": timeout, "kwargs": kwargs}, timeout)
         if isinstance(answer, UserError):
             return RunResult({}, answer)
@@ -764,6 +797,30 @@ class IsolatedImplementation(Implementation):
         if self._child is not None:
             self._child.close()
             self._child = None
+
+
+_EARLY: dict[tuple[str, str, Any], WarmChild] = {}
+
+
+def start_early(spec: str, rootdir: Path, *, timeout: float | None = None, user: int | str | None = None) -> None:
+    """Start the child for ``spec`` now, without waiting: it imports torch and loads the submission
+    while pytest goes on (configuring, collecting); the :class:`IsolatedImplementation` made later for
+    the same submission takes it over. Never raises (making the implementation reports any error).
+
+    Example::
+
+        start_early("homework.py", rootdir, timeout=60)   # the plugin does this with --backprop-isolate
+    """
+    from .loaders import find_file
+
+    try:
+        found = find_file(spec, Path(rootdir))
+        key = (str(found.resolve()) if found is not None else spec, str(rootdir), user)
+        if key not in _EARLY:
+            _EARLY[key] = WarmChild(key[0], Path(rootdir), startup_timeout=(timeout + STARTUP_GRACE) if timeout else None,
+                                    user=user)
+    except (LoadError, OSError):
+        pass
 
 
 def load_submission(spec: str, rootdir: Path, *, isolate: bool, timeout: float | None = None,
