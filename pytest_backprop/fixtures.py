@@ -8,11 +8,14 @@ names file) and the fixtures that depend on it follow.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import pytest
 
 from . import options
+
+if TYPE_CHECKING:
+    from .grading.student import Student
 
 
 class Batch(NamedTuple):
@@ -133,3 +136,28 @@ def makemore_forward(request: pytest.FixtureRequest, makemore_config, makemore_d
     dtype = getattr(torch, options.get(request.config, "dtype"))
     config = makemore_config.with_(vocab_size=makemore_dataset.vocab_size, batch_size=makemore_batch.n)
     return problem_from_batch(config, makemore_params, makemore_batch.Xb, makemore_batch.Yb, dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def backprop_student(pytestconfig: pytest.Config) -> Iterator["Student"]:
+    """The submission named by ``--backprop-impl`` / ``backprop_impl``, loaded once per session and run
+    with the kit's time limit and isolation (``--backprop-isolate``): a
+    :class:`~pytest_backprop.grading.student.Student`. ``gradients(problem, *names, exercise="ex1")``
+    returns its answers by tensor name on any problem; a test is skipped while a gradient it needs is
+    not attempted, and fails with the student's line when their code raised, or with the reason when
+    the submission cannot be loaded.
+
+    Example::
+
+        from pytest_backprop import assert_grad_matches
+
+        def test_cross_entropy(backprop_student, makemore_forward):
+            f = makemore_forward
+            grads = backprop_student.gradients(f, "logits", "probs")
+            assert_grad_matches(grads["logits"], f["logits"], name="logits")
+    """
+    from .grading.student import Student
+
+    student = Student(pytestconfig)
+    yield student
+    student.close()

@@ -50,9 +50,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("json", "write the machine-readable report to this path", metavar="PATH"),
     Option("timeout", "seconds each run of user code may take before it is stopped (default 60; 0: no limit)",
            kind="float", default=60.0, metavar="SECONDS"),
-    Option("isolate", "run the implementation's code in a spawned child process (tensors sent back), so that "
-           "sys.exit, os._exit, a crash or monkeypatching torch cannot end pytest or change a verdict; "
-           "slower (a process start per run). In-process is not a sandbox", kind="bool", default=False),
+    Option("isolate", "run the implementation's code in one warm child process (started once, answers sent back "
+           "as data), never in pytest's: sys.exit, os._exit, a crash, atexit handlers or monkeypatching the kit or "
+           "torch cannot end pytest or change a verdict, and what the code spawns is killed. Neither is a "
+           "sandbox", kind="bool", default=False),
+    Option("isolate-user", "with --backprop-isolate and pytest running as root (as on Gradescope): run the child as "
+           "this unprivileged user (name or uid), which cannot write pytest's files or signal it; every process of "
+           "that user is killed at the end, so use a user nothing else runs as", metavar="USER"),
     Option("examples", "hypothesis examples per property check (backprop::properties::*; sizes, values and "
            "patterns hypothesis generates; default 6; 0 turns the property checks off)", kind="int", default=6,
            metavar="N"),
@@ -66,8 +70,11 @@ OPTIONS: tuple[Option, ...] = (
            "@pytest.mark.backprop_points(n) beats both)", metavar="ENTRIES"),
     Option("hidden", "checks to hide from students in --backprop-gradescope results: PATTERN or "
            "PATTERN=VISIBILITY entries, e.g. 'ex3 ex1::b1=after_due_date'", metavar="ENTRIES"),
+    Option("cascade", "points of a gradient that is wrong only because an earlier one is (verdict inherited) in "
+           "--backprop-gradescope results: 'independent' (default) keeps them, so one mistake costs its own points "
+           "only; 'strict' takes them too", kind="choice", default="independent", choices=("independent", "strict")),
     Option("steps", "SGD steps of the Exercise 4 check (backprop::ex4::sgd: your full backward trains side by side "
-           "with autograd from the lecture's start; default 50, or 3 with --backprop-isolate; 0 turns it off)", kind="int", default=50, metavar="N"),
+           "with autograd from the lecture's start; default 50; 0 turns it off)", kind="int", default=50, metavar="N"),
     Option("plots", "write plots to this folder: Exercise 4's loss curves and a heatmap of |actual - expected| for "
            "every failing gradient (needs matplotlib: pip install 'pytest-backprop[plots]')", metavar="DIR"),
     Option("device", "torch device of the Exercise 4 check, e.g. cpu (default), cuda, cuda:1; checked at startup",

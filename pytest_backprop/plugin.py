@@ -7,12 +7,14 @@ requested, the plugin costs nothing. The work happens in modules imported lazily
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import options
 from .fixtures import (  # noqa: F401 -- imported so that pytest registers the fixtures with the plugin
+    backprop_student,
     makemore_batch,
     makemore_config,
     makemore_dataset,
@@ -53,6 +55,10 @@ def pytest_configure(config: pytest.Config) -> None:
             raise
         state = KitState(settings, config)
         config.stash[STATE_KEY] = state
+        if state.option("isolate"):  # the child loads the submission while pytest collects
+            from .usercode.isolate import start_early
+
+            start_early(settings.impl, settings.rootdir, timeout=settings.timeout, user=state.option("isolate-user"))
         config.pluginmanager.register(BackpropSession(config, state), "backprop-session")
     else:
         needs_checks = [o.flag for o in options.OPTIONS if o.name in KIT_ONLY and config.getoption(o.dest, None)]
@@ -61,8 +67,16 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"{', '.join(needs_checks)} has no effect without --backprop (the built-in checks are off)"), stacklevel=2)
 
 
-#: Options that only mean something while the built-in checks run.
-KIT_ONLY = ("impl", "json", "examples", "broadcast", "steps", "plots", "isolate")
+#: Options that only mean something while the built-in checks run (impl and isolate serve backprop_student too).
+KIT_ONLY = ("json", "examples", "broadcast", "steps", "plots")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Before any report is written: the isolated children end, with every process they spawned.
+    isolate = sys.modules.get("pytest_backprop.usercode.isolate")  # loaded only if isolation was used
+    if isolate is not None:
+        isolate.close_all()
 
 
 class BackpropSession:

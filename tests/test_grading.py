@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import solution_with, write_script
+from conftest import EXAMPLES, solution_with, write_script
 
 from pytest_backprop.grading import gradescope as gs
 from pytest_backprop.report.text import render_verdict
@@ -51,8 +51,10 @@ def load_results(path: Path) -> dict:
         assert set(test) >= {"name", "score", "max_score", "status", "output", "visibility"}
         assert test["status"] in ("passed", "failed")
         assert test["visibility"] in gs.VISIBILITIES
-        assert test["score"] == (test["max_score"] if test["status"] == "passed" else 0)
+        kept = test["output"].startswith("Keeps its points")  # an inherited failure, under the default cascade
+        assert test["score"] == (test["max_score"] if test["status"] == "passed" or kept else 0)
     assert data["score"] == sum(t["score"] for t in data["tests"])
+    assert "/tmp/" not in json.dumps(data), "paths are relative to the submission's folder"
     return data
 
 
@@ -95,6 +97,25 @@ def test_hidden_patterns():
     assert gs.visibility_for("ex1::C", rules) == "visible"
     with pytest.raises(pytest.UsageError, match="VISIBILITY"):
         gs.parse_hidden("ex1=secret")
+
+
+def test_the_catalogue_is_set_by_the_settings_alone():
+    from pytest_backprop.grading import points
+
+    keys = [key for key, _ in points.builtin_checks(steps=0, examples=0, broadcast=False)]
+    assert keys[:26] == [f"ex1::{t}" for t in ("logprobs", "probs", "counts_sum_inv", "counts_sum", "counts",
+                                                 "norm_logits", "logit_maxes", "logits", "h", "W2", "b2", "hpreact",
+                                                 "bngain", "bnbias", "bnraw", "bnvar_inv", "bnvar", "bndiff2", "bndiff",
+                                                 "bnmeani", "hprebn", "embcat", "W1", "b1", "emb", "C")]
+    assert keys[26:28] == ["ex2::logits", "ex3::hprebn"] and "ex4::sgd" not in keys
+    full = dict(points.builtin_checks(steps=5, examples=3, broadcast=True))
+    assert full["ex4::sgd"] == full["properties::ex2"] == full["properties::broadcast::ex1"] == 1
+    assert full["lines::h"] == full["properties::lines::h"] == full["properties::broadcast::logits"] == 0
+    assert points.keeps_points("fail", "inherited", "independent")
+    assert not points.keeps_points("fail", "inherited", "strict")
+    assert not points.keeps_points("fail", "scale", "independent") and not points.keeps_points("error", "inherited", "x")
+    assert "Exercise 3" in points.missing_reason("properties::ex3")
+    assert "Exercise 4 trains with your Exercise 1" in points.missing_reason("ex4::sgd")
 
 
 # --- results.json as a file --------------------------------------------------------------------
@@ -243,3 +264,75 @@ def test_ensure_cli_runs_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")
     assert load_results(path)["score"] == 0
+
+
+# --- one maximum whatever the form; one mistake, its own points -------------------------------------
+
+def grade(pytester, impl: str, *args: str) -> dict:
+    out = pytester.path / "results.json"
+    pytester.runpytest_subprocess("--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}", *FAST,
+                                  *args)
+    return load_results(out)
+
+
+def test_the_maximum_is_set_by_the_configuration_not_the_submission_form(pytester, ex1_solution):
+    """A script (Exercise 1 only), a module and a notebook (Exercises 1-3): the same rows, the same maximum;
+    what a form lacks scores 0 out of its points and says what is missing."""
+    from data.notebooks import lecture_notebook, write
+
+    pytester.makeini("[pytest]\nbackprop_points = ex1=1 ex2=2 ex3=3\n")
+    (pytester.path / "script.py").write_text(ex1_solution.read_text())
+    write(lecture_notebook(), pytester.path / "notebook.ipynb")
+    results = {form: grade(pytester, impl) for form, impl in
+               (("script", "script.py"), ("module", "reference_model.backward"), ("notebook", "notebook.ipynb"))}
+    for form, data in results.items():
+        assert [t["name"] for t in data["tests"]][26:] == ["ex2::logits", "ex3::hprebn"], form
+        assert data["extra_data"]["max_score"] == 26 + 2 + 3, form
+    assert results["module"]["score"] == results["notebook"]["score"] == 31
+    assert results["script"]["score"] == 26
+    missing = by_name(results["script"])["ex2::logits"]
+    assert missing["status"] == "failed" and missing["max_score"] == 2
+    assert "Not in your submission: Exercise 2" in missing["output"] and "0 of 2 points" in missing["output"]
+    assert "missing" in by_name(results["script"])["ex3::hprebn"]["tags"]
+
+
+def test_checks_only_some_forms_have_are_worth_nothing_unless_named(pytester):
+    """The per-line module's lines::* checks are extra rows at 0 points; named in backprop_points they count,
+    and then a script lacks them."""
+    (pytester.path / "script.py").write_text((EXAMPLES / "ex1_solution.py").read_text())
+    lines = grade(pytester, "reference_model.backward_lines")
+    per_line = [t for t in lines["tests"] if t["name"].startswith("lines::")]
+    assert len(per_line) == 20 and {t["max_score"] for t in per_line} == {0}
+    assert lines["extra_data"]["max_score"] == 26 + 2  # ex1 and ex2/ex3 rows, as for every form
+    named = grade(pytester, "script.py", "--backprop-points=lines::h=4")
+    assert by_name(named)["lines::h"]["max_score"] == 4 and "per-line backward" in by_name(named)["lines::h"]["output"]
+    assert "lines::logits" not in by_name(named)
+
+
+def test_an_inherited_failure_keeps_its_points_unless_the_cascade_is_strict(pytester, ex1_solution):
+    """Forgetting dcounts's second branch: one own fault, every later gradient inherits it."""
+    impl = write_script(pytester, solution_with("dcounts += torch.ones_like(counts) * dcounts_sum\n", ""))
+    report = pytester.path / "report.json"
+    default = grade(pytester, str(impl), f"--backprop-json={report}")
+    strict = grade(pytester, str(impl), "--backprop-cascade=strict")
+    codes = {c["tensor"]: (c["status"], c["diagnosis"]["code"]) for c in json.loads(report.read_text())["checks"]
+             if c["exercise"] == "ex1"}
+    assert codes["counts"] == ("fail", "missing_branch")
+    inherited = {t for t, (status, code) in codes.items() if code == "inherited"}
+    passing = {t for t, (status, _) in codes.items() if status == "pass"}
+    assert {"norm_logits", "logits", "W1", "C"} <= inherited
+    row = by_name(default)["ex1::C"]
+    assert row["status"] == "failed" and row["score"] == row["max_score"] == 1
+    assert row["output"].startswith("Keeps its points") and "[inherited]" in row["output"]
+    assert by_name(default)["ex1::counts"]["score"] == 0
+    ex1 = lambda data: sum(t["score"] for t in data["tests"] if t["name"].startswith("ex1::"))  # noqa: E731
+    assert ex1(default) == len(passing) + len(inherited) == 25
+    assert ex1(strict) == len(passing)
+    assert by_name(strict)["ex1::C"]["score"] == 0
+
+
+def test_results_name_the_submissions_file_relative_to_its_folder(pytester):
+    impl = write_script(pytester, "dlogprobs = torch.zeros_like(logprobs)\nx = 1 / 0\n")
+    data = grade(pytester, str(impl))
+    error = by_name(data)["ex1::probs"]
+    assert "student.py:2" in error["output"] and str(pytester.path) not in json.dumps(data)

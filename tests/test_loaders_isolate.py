@@ -1,19 +1,33 @@
-"""--backprop-isolate: user code in a child process cannot end pytest or change a verdict.
+"""--backprop-isolate: one warm child process runs the user's code; nothing it does ends pytest,
+changes a verdict, or outlives its run.
 
-Each isolated run starts a Python process (~1-3 s), so this file keeps to a few cases.
+Each test starts a child (~2-3 s: importing torch), so the file keeps to the cases that matter.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from sandbox_env import alive, sandbox_python, sandbox_uid, uid_in_use, world_readable_dir  # noqa: F401 -- fixture
 
 from pytest_backprop.judge.grade import verdicts_for_run
 from pytest_backprop.problems.instance import build_problem, resolve_words
-from pytest_backprop.usercode.base import LoadError
-from pytest_backprop.usercode.isolate import IsolatedImplementation, static_description
+from pytest_backprop.properties.checks import case_problem
+from pytest_backprop.usercode import isolate
+from pytest_backprop.usercode.base import RunResult
+from pytest_backprop.usercode.isolate import IsolatedImplementation, WireError
+from pytest_backprop.usercode.loaders import load_implementation
+from pytest_backprop.usercode.run import UserError
+from pytest_backprop.verdict import Diagnosis
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ex1_solution.py"
 
@@ -23,9 +37,102 @@ def problem():
     return build_problem(resolve_words(None))
 
 
-def isolated(tmp_path: Path, source: str, name: str = "student.py") -> IsolatedImplementation:
+def isolated(tmp_path: Path, source: str, name: str = "student.py", **kwargs) -> IsolatedImplementation:
     (tmp_path / name).write_text(textwrap.dedent(source))
-    return IsolatedImplementation(name, tmp_path)
+    impl = IsolatedImplementation(str(tmp_path / name), tmp_path, 30, **kwargs)
+    return impl
+
+
+def statuses(run, problem) -> dict[str, str]:
+    return {v.tensor: v.status for v in verdicts_for_run("ex1", run, problem)}
+
+
+
+
+# --- the wire -------------------------------------------------------------------------------------
+
+def test_answers_travel_as_data_and_come_back_equal():
+    grads = {"probs": torch.randn(4, 3), "bnbias": torch.randn(1, 5).t(),  # non-contiguous
+             "h": torch.randn(2, 2, dtype=torch.bfloat16), "Yb": torch.tensor([1, 2]), "n": torch.tensor(3.0),
+             "empty": torch.zeros(0, 4), "arr": np.arange(6.0).reshape(2, 3), "scalar": np.float32(2.5),
+             "pair": (1, [2.0, None], "x"), "odd": object()}
+    result = RunResult(grads, UserError("ZeroDivisionError", "division by zero", "student.py", 3, "x = 1/0"),
+                       [Diagnosis("mutated_input", "m")], {"probs": Diagnosis("reads_autograd", "copied")})
+    back = isolate.from_wire(isolate.to_wire(("ok", result)))[1]
+    assert isinstance(back, RunResult) and back.error == result.error and back.warnings == result.warnings
+    assert back.overrides == result.overrides
+    for name in ("probs", "bnbias", "h", "Yb", "n", "empty"):
+        assert back.grads[name].dtype == grads[name].dtype and torch.equal(back.grads[name], grads[name])
+    assert isinstance(back.grads["arr"], np.ndarray) and np.array_equal(back.grads["arr"], grads["arr"])
+    assert back.grads["scalar"] == np.float32(2.5) and back.grads["pair"] == (1, [2.0, None], "x")
+    assert isinstance(back.grads["odd"], isolate.Opaque) and "object" in back.grads["odd"].description
+
+
+def test_a_reply_cannot_run_code_in_the_grader(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with pytest.raises(WireError, match="not allowed"):
+        isolate.from_wire(pickle.dumps(("ok", Evil())))
+    with pytest.raises(WireError):
+        isolate.from_wire(pickle.dumps({"__tensor__": ["float32", [10**6], b"", "cpu"]}))  # wrong size
+    assert not marker.exists()
+
+
+# --- one warm child ---------------------------------------------------------------------------------
+
+def test_one_warm_child_serves_every_run_with_the_in_process_verdicts(tmp_path, problem):
+    pids = tmp_path / "pids"
+    source = EXAMPLE.read_text() + f"\nimport os\nopen({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+    impl = isolated(tmp_path, source)
+    local = load_implementation(str(tmp_path / "student.py"), tmp_path)
+    try:
+        from hypothesis import given, settings
+
+        from pytest_backprop.strategies import makemore_cases
+
+        other_sizes = []
+
+        @settings(max_examples=3, deadline=None, database=None, derandomize=True)
+        @given(case=makemore_cases())
+        def collect(case):
+            other_sizes.append(case_problem(case))
+
+        collect()
+        for p in [problem, *other_sizes]:
+            mine, theirs = verdicts_for_run("ex1", impl.run("ex1", p, 30), p), verdicts_for_run("ex1", local.run("ex1", p, 30), p)
+            assert [(v.status, v.maxdiff) for v in mine] == [(v.status, v.maxdiff) for v in theirs]
+            assert all(v.status == "pass" for v in mine)
+        assert "isolated" in impl.description and impl.exercises() == ("ex1",)
+    finally:
+        impl.close()
+    seen = pids.read_text().split()  # isolated, local, isolated, local, ...
+    assert len(seen) == 8 and set(seen[1::2]) == {str(os.getpid())}
+    assert len(set(seen[0::2])) == 1 and seen[0] != str(os.getpid())  # four runs, one child
+
+
+def test_keyword_arguments_reach_the_childs_run(tmp_path, problem):
+    """What independent grading passes (``substitute=...``) arrives unchanged at the child's ``run``:
+    the isolated run does exactly what the in-process run does with the same arguments."""
+    impl = isolated(tmp_path, EXAMPLE.read_text())
+    local = load_implementation(str(tmp_path / "student.py"), tmp_path)
+    kwargs = {"substitute": {"probs": problem.grads["probs"]}}
+    try:
+        remote = impl.run("ex1", problem, 30, **kwargs)
+        try:
+            here = local.run("ex1", problem, 30, **kwargs)
+        except TypeError as exc:  # an implementation without that argument: the child's says the same
+            assert "substitute" in str(exc)
+            assert remote.error is not None and "substitute" in remote.error.message
+        else:
+            assert remote.grads.keys() == here.grads.keys()
+            assert all(torch.equal(remote.grads[k], here.grads[k]) for k in here.grads)
+        assert impl.run("ex1", problem, 30).error is None  # the child is still there
+    finally:
+        impl.close()
 
 
 def test_os_exit_in_user_code_is_a_verdict(tmp_path, problem):
@@ -34,7 +141,10 @@ def test_os_exit_in_user_code_is_a_verdict(tmp_path, problem):
         dlogprobs = torch.zeros_like(logprobs)
         os._exit(3)
     """)
-    run = impl.run("ex1", problem, 10)
+    try:
+        run = impl.run("ex1", problem, 10)
+    finally:
+        impl.close()
     # os._exit raises SystemExit while user code runs: what was computed before it comes back
     assert run.error.type == "SystemExit" and "os._exit(3)" in run.error.message
     verdicts = verdicts_for_run("ex1", run, problem)
@@ -43,60 +153,228 @@ def test_os_exit_in_user_code_is_a_verdict(tmp_path, problem):
     assert any(w.code == "statement_error" and "os._exit(3)" in w.message for w in run.warnings)
 
 
-def test_a_process_that_really_dies_is_a_verdict(tmp_path, problem):
-    impl = isolated(tmp_path, """
-        import os, signal
-        dlogprobs = torch.zeros_like(logprobs)
-        os.kill(os.getpid(), signal.SIGKILL)
-    """)
-    run = impl.run("ex1", problem, 10)
-    assert run.error.type == "ProcessDied"
-    verdicts = verdicts_for_run("ex1", run, problem)
-    assert verdicts[0].status == "error" and "ProcessDied" in verdicts[0].diagnosis.message
+def test_a_child_that_really_dies_is_replaced_then_given_up(tmp_path, problem):
+    flag = tmp_path / "died-once"
+    impl = isolated(tmp_path, EXAMPLE.read_text() + textwrap.dedent(f"""
+        import os, posix, signal
+        if not os.path.exists({str(flag)!r}):
+            open({str(flag)!r}, "w").close()
+            posix._exit(0)   # past the guard: the process really ends
+    """))
+    try:
+        first = impl.run("ex1", problem, 10)
+        assert first.error.type == "ProcessDied" and "exited with code 0" in first.error.message
+        assert statuses(first, problem)["logprobs"] == "error"
+        second = impl.run("ex1", problem, 10)  # a fresh child
+        assert second.error is None and set(statuses(second, problem).values()) == {"pass"}
+    finally:
+        impl.close()
+    always = isolated(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", name="always.py")
+    try:
+        runs = [always.run("ex1", problem, 10) for _ in range(isolate.MAX_DEATHS + 1)]
+    finally:
+        always.close()
+    assert all("killed by signal 9" in r.error.message for r in runs[:-1])
+    assert "not run again" in runs[-1].error.message
 
 
-def test_monkeypatching_in_the_child_cannot_change_the_verdict(tmp_path, problem):
+def test_monkeypatching_the_kit_or_torch_in_the_child_changes_no_verdict(tmp_path, problem):
     impl = isolated(tmp_path, """
         import torch
+        import pytest_backprop.judge.compare as compare
+        import pytest_backprop.judge.grade as grade
         torch.allclose = lambda *a, **k: True
         torch.testing.assert_close = lambda *a, **k: None
         torch.equal = lambda *a, **k: True
-        # not restored by the in-process guard: would make every assert_close pass in pytest's process
         torch.testing._comparison.TensorLikePair.compare = lambda self: None
+        grade.verdicts_for_run = lambda *a, **k: []
+        compare.compare = None
         dlogprobs = torch.zeros_like(logprobs)   # wrong
         dprobs = (1.0 / probs) * torch.ones_like(probs)   # wrong
     """)
-    run = impl.run("ex1", problem, 10)
-    statuses = {v.tensor: v.status for v in verdicts_for_run("ex1", run, problem)}
-    assert statuses["logprobs"] == "fail" and statuses["probs"] == "fail"
+    try:
+        run = impl.run("ex1", problem, 10)
+    finally:
+        impl.close()
+    found = statuses(run, problem)
+    assert found["logprobs"] == "fail" and found["probs"] == "fail"
+    assert torch.allclose(torch.zeros(1), torch.ones(1)) is False  # the grader's torch is untouched
 
 
 def test_segfault_in_user_code_is_a_verdict(tmp_path, problem):
     impl = isolated(tmp_path, "import ctypes\ndlogprobs = torch.zeros_like(logprobs)\nctypes.string_at(0)\n")
-    run = impl.run("ex1", problem, 10)
+    try:
+        run = impl.run("ex1", problem, 10)
+    finally:
+        impl.close()
     assert run.error.type == "ProcessDied" and "signal" in run.error.message
 
 
-def test_correct_code_passes_isolated_with_tensors_sent_back(tmp_path, problem):
-    impl = isolated(tmp_path, EXAMPLE.read_text())
-    assert impl.exercises() == ("ex1",) and "isolated" in impl.description
-    run = impl.run("ex1", problem, 30)
-    assert run.error is None and len(run.grads) == 26
-    assert all(v.status == "pass" for v in verdicts_for_run("ex1", run, problem))
+def test_a_loop_that_ignores_the_time_limit_is_killed(tmp_path, problem, monkeypatch):
+    monkeypatch.setattr(isolate, "RUN_GRACE", 1.0)
+    impl = isolated(tmp_path, "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+                              "dlogprobs = torch.zeros_like(logprobs)\nwhile True:\n    pass\n")
+    try:
+        start = time.monotonic()
+        run = impl.run("ex1", problem, 1)
+        assert time.monotonic() - start < 15
+    finally:
+        impl.close()
+    assert run.error.timeout and "killed" in run.error.message
+    assert statuses(run, problem)["logprobs"] == "error"  # its code "timeout"
 
 
-def test_static_description_runs_no_code(tmp_path):
-    (tmp_path / "boom.py").write_text("raise SystemExit('ran!')\ndef backward(cache):\n    return {}\n")
-    assert static_description("boom.py", tmp_path)[0] == ("ex1",)
-    (tmp_path / "lines.py").write_text("def backward_h(dh, h):\n    return dh\n"
-                                       "def cross_entropy_backward(logits):\n    return logits\n")
-    assert static_description("lines.py", tmp_path)[0] == ("ex1", "ex2", "lines")
-    assert static_description("some.module", tmp_path) is None
-    with pytest.raises(LoadError, match="no such file"):
-        static_description("missing.py", tmp_path)
+def test_processes_the_code_spawns_end_with_its_run(tmp_path, problem):
+    pids = tmp_path / "spawned"
+    impl = isolated(tmp_path, EXAMPLE.read_text() + textwrap.dedent(f"""
+        import os, subprocess
+        detached = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        if os.fork() == 0:            # a daemon: fork, new session, fork again, parent gone
+            os.setsid()
+            if os.fork() == 0:
+                open({str(pids)!r}, "a").write(f"{{os.getpid()}}\\n")
+                import time
+                time.sleep(300)
+            os._exit(0)
+        open({str(pids)!r}, "a").write(f"{{detached.pid}}\\n")
+        import time
+        time.sleep(0.5)
+    """))
+    try:
+        run = impl.run("ex1", problem, 30)
+        assert run.error is None and set(statuses(run, problem).values()) == {"pass"}
+        spawned = [int(p) for p in pids.read_text().split()]
+        assert len(spawned) == 2
+        assert not any(alive(p) for p in spawned)
+        assert impl._child.alive  # the child itself serves the next run
+    finally:
+        impl.close()
 
 
-def test_isolate_end_to_end_session_survives(pytester):
+def test_close_all_ends_the_child(tmp_path, problem):
+    impl = isolated(tmp_path, "dlogprobs = torch.zeros_like(logprobs)\n")
+    pid = impl._child.proc.pid
+    assert alive(pid)
+    isolate.close_all()
+    assert not alive(pid)
+    assert impl.run("ex1", problem, 10).error is None  # a closed implementation starts a new child when used
+
+
+def test_the_users_prints_go_to_the_running_tests_output(tmp_path, problem, capsys):
+    impl = isolated(tmp_path, "print('hello from the student')\ndlogprobs = torch.zeros_like(logprobs)\n")
+    try:
+        impl.run("ex1", problem, 10)
+    finally:
+        impl.close()
+    assert "hello from the student" in capsys.readouterr().out
+
+
+def test_a_forged_reply_is_no_answer_and_runs_nothing(tmp_path, problem):
+    marker = tmp_path / "ran-in-the-grader"
+    impl = isolated(tmp_path, textwrap.dedent(f"""
+        import os, pickle, re, struct
+        fd = int(re.findall(rb"child_main\\((\\d+), (\\d+)\\)", open("/proc/self/cmdline", "rb").read())[0][1])
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch {marker}",))
+        data = pickle.dumps(("ok", Evil()))
+        os.write(fd, struct.pack(">Q", len(data)) + data)
+        dlogprobs = torch.zeros_like(logprobs)
+    """))
+    try:
+        run = impl.run("ex1", problem, 10)
+    finally:
+        impl.close()
+    assert not marker.exists()
+    assert run.error.type == "ProcessDied" and "not an answer" in run.error.message
+
+
+def test_load_errors_come_from_the_child(tmp_path):
+    (tmp_path / "broken.py").write_text("dlogprobs = (\n")
+    with pytest.raises(isolate.LoadError, match="was never closed"):
+        IsolatedImplementation(str(tmp_path / "broken.py"), tmp_path, 30)
+
+
+# --- a sandbox user -------------------------------------------------------------------------------
+
+SANDBOX_DRIVER = """
+import json, os, signal, sys
+from pathlib import Path
+from pytest_backprop.judge.grade import verdicts_for_run
+from pytest_backprop.problems.instance import build_problem, resolve_words
+from pytest_backprop.usercode import isolate
+
+uid = int(sys.argv[1])
+problem = build_problem(resolve_words(None))
+impl = isolate.IsolatedImplementation("student.py", Path.cwd(), 60, user=uid)
+run = impl.run("ex1", problem, 60)
+impl.close()
+print(json.dumps({"statuses": sorted({v.status for v in verdicts_for_run("ex1", run, problem)}),
+                  "error": run.error.describe() if run.error else None}))
+"""
+
+
+def test_a_sandbox_user_cannot_touch_the_grader(sandbox_python):
+    folder = world_readable_dir()
+    secret = folder / "results.json"
+    secret.write_text("the grader's")
+    secret.chmod(0o644)
+    uid = sandbox_uid()
+    student = EXAMPLE.read_text() + textwrap.dedent(f"""
+        import os, signal, subprocess
+        outcomes = []
+        try:
+            open({str(secret)!r}, "w").write("forged")
+        except OSError as exc:
+            outcomes.append(type(exc).__name__)
+        try:
+            os.kill(int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[1]), signal.SIGKILL)
+        except OSError as exc:
+            outcomes.append(type(exc).__name__)
+        escaped = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        open("spawned", "w").write(str(escaped.pid))
+        print(outcomes)
+    """)
+    (folder / "student.py").write_text(student)
+    (folder / "spawned").write_text("")
+    for path in (folder / "student.py", folder / "spawned"):
+        path.chmod(0o666)
+    try:
+        result = subprocess.run([str(sandbox_python), "-c", SANDBOX_DRIVER, str(uid)], cwd=folder,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        data = json.loads(result.stdout.strip().splitlines()[-1])
+        assert data == {"statuses": ["pass"], "error": None}
+        assert "['PermissionError', 'PermissionError']" in result.stdout  # its own prints, forwarded
+        assert secret.read_text() == "the grader's"
+        assert not uid_in_use(uid)  # the escaped sleep too: every process of the user is gone
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- through pytest --------------------------------------------------------------------------------
+
+def test_isolated_session_runs_properties_and_the_full_exercise_4_in_one_child(pytester, ex1_solution):
+    pids = pytester.path / "pids"
+    pytester.makepyfile(student=ex1_solution.read_text() + f"\nimport os\nopen({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n")
+    pytester.makepyfile(test_mine="""
+        def test_mine(backprop_student, makemore_forward):
+            assert "probs" in backprop_student.gradients(makemore_forward, "probs")
+    """)
+    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-isolate",
+                                           "--backprop-examples=2", "--backprop-steps=4", "-p", "no:cacheprovider",
+                                           "-rs")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("skipped", 0) == 0, result.stdout.str()[-3000:]
+    assert outcomes["passed"] == 26 + 1 + 1 + 1  # gradients, properties::ex1, ex4::sgd, test_mine
+    result.stdout.fnmatch_lines(["*ex4*sgd*ok*", "*prop-ex1*ok*"])
+    seen = pids.read_text().split()
+    assert len(seen) >= 1 + 4 + 2 + 1 and len(set(seen)) == 1  # every run, one child
+
+
+def test_isolated_session_survives_a_killed_child(pytester):
     pytester.makepyfile(student="import os, signal\ndlogprobs = torch.zeros_like(logprobs)\n"
                                 "os.kill(os.getpid(), signal.SIGKILL)\n",
                         test_mine="def test_mine():\n    assert True\n")
@@ -105,3 +383,17 @@ def test_isolate_end_to_end_session_survives(pytester):
     result.stdout.fnmatch_lines(["*test_mine.py*", "*ProcessDied*"])
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] == 1 and outcomes["failed"] == 1 and outcomes["skipped"] == 27
+
+
+def test_a_missing_file_is_reported_without_starting_a_child(pytester):
+    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=missing.py", "--backprop-isolate",
+                                           "--backprop-examples=0", "--backprop-steps=0")
+    result.stdout.fnmatch_lines(["*no such file: missing.py*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_an_answer_on_a_device_the_grader_lacks_is_judged_on_the_cpu():
+    plain = {"__tensor__": ["float32", [2], torch.tensor([1.0, 2.0]).numpy().tobytes(), "cuda:7"]}
+    back = isolate.from_plain(plain)
+    assert back.device.type == ("cuda" if torch.cuda.device_count() > 7 else "cpu")
+    assert torch.equal(back.cpu(), torch.tensor([1.0, 2.0]))

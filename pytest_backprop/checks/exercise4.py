@@ -58,7 +58,6 @@ from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 EXERCISE = "ex4"
 TENSOR = "sgd"
 LECTURE_LR = 0.1
-ISOLATED_STEPS = 3  # default steps under --backprop-isolate: every run of your code starts a process
 _RESULT_KEY = pytest.StashKey["SgdResult"]()
 #: The parameters in backward order (W2 first, C last): the first one reported is nearest the loss.
 BACKWARD_PARAMETERS: tuple[str, ...] = tuple(t for t in GRADIENT_ORDER if t in PARAMETERS)
@@ -293,17 +292,13 @@ def wanted(kit: Any) -> bool:
 
 
 def session_steps(kit: Any) -> int:
-    """--backprop-steps; by default only :data:`ISOLATED_STEPS` under --backprop-isolate (a process per run).
+    """--backprop-steps (the same with --backprop-isolate: one warm child serves every step).
 
     Example::
 
-        session_steps(kit)   # 50, or 3 with --backprop-isolate and no explicit --backprop-steps
+        session_steps(kit)   # 50
     """
-    steps = kit.option("steps")
-    explicit = kit.config.getoption("backprop_steps", None) is not None or bool(kit.config.getini("backprop_steps"))
-    if kit.option("isolate") and not explicit:
-        return min(steps, ISOLATED_STEPS)
-    return steps
+    return kit.option("steps")
 
 
 def kit_sgd_result(kit: Any) -> SgdResult:

@@ -96,16 +96,12 @@ class KitState:
         """The loaded implementation, or None when it could not be loaded (see ``load_error``)."""
         if self._implementation is None and self._load_error is None:
             from ..usercode.base import LoadError
-            from ..usercode.loaders import load_implementation
+            from ..usercode.isolate import load_submission
 
             try:
-                if self.option("isolate"):
-                    from ..usercode.isolate import IsolatedImplementation
-
-                    self._implementation = IsolatedImplementation(self.settings.impl, self.settings.rootdir,
-                                                                  self.settings.timeout)
-                else:
-                    self._implementation = load_implementation(self.settings.impl, self.settings.rootdir)
+                self._implementation = load_submission(self.settings.impl, self.settings.rootdir,
+                                                       isolate=self.option("isolate"), timeout=self.settings.timeout,
+                                                       user=self.option("isolate-user"))
             except LoadError as exc:
                 self._load_error = str(exc)
         return self._implementation

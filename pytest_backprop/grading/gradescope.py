@@ -2,13 +2,19 @@
 
 Every test of the session becomes one Gradescope test case: the built-in gradient checks (rendered
 from the same :class:`~pytest_backprop.verdict.Verdict` records as the terminal table and the JSON
-report) and the instructor's own tests. Points:
+report) and the instructor's own tests. Points (:mod:`pytest_backprop.grading.points`):
 
 - built-in checks: 1 point each, changed with ``backprop_points`` (ini) / ``--backprop-points``, a
   list of ``PATTERN=POINTS`` entries, e.g. ``ex1=1 ex2=3 ex1::b1=2``. A pattern is matched against
   the check's key (its node id without ``backprop::``, e.g. ``ex1::b1``); an exercise name alone
   (``ex1``) means all of its checks (``ex1::*``); glob patterns (``*``, ``?``) work. An exact key wins
-  over patterns; among patterns the last one that matches wins;
+  over patterns; among patterns the last one that matches wins. Checks only some forms have
+  (``lines::*``) are worth 0 unless an entry names them;
+- every built-in check of the session's catalogue is a test case whatever the submission offers: one
+  it lacks (Exercise 2 in a script) fails with its points, saying what is missing; so the maximum
+  score is set by the configuration alone;
+- a gradient that fails only because an earlier one is wrong (``inherited``) keeps its points,
+  unless ``backprop_cascade = strict``;
 - the instructor's tests: ``@pytest.mark.backprop_points(2)`` (default 1; ``backprop_points`` entries
   matching their node id apply too, the marker wins);
 - ``@pytest.mark.backprop_hidden`` (or ``backprop_hidden(visibility="after_due_date")``) and the
@@ -17,7 +23,8 @@ report) and the instructor's own tests. Points:
 A submission that cannot run still yields a valid file: usage errors, collection errors, internal
 errors and an implementation that cannot be loaded all become visible failed test cases, and
 ``python -m pytest_backprop.gradescope --ensure PATH`` (for ``run_autograder``) writes a valid file
-if pytest itself died before writing one.
+if pytest itself died before writing one. Paths in the file are relative to the submission's
+folder (``homework.py:21``), never the temporary folder the autograder unpacked into.
 
 This module imports neither torch nor hypothesis.
 """
@@ -25,28 +32,40 @@ This module imports neither torch nor hypothesis.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pytest
 
 from .. import options
 from ..markers import HIDDEN_MARKER, MARKERS, POINTS_MARKER, add_marker_lines  # noqa: F401 -- defined once, cheap to import
+from .points import (  # noqa: F401 -- the settings' functions, importable from here as before
+    BUILTIN_PREFIX,
+    DEFAULT_POINTS,
+    VISIBILITIES,
+    Rule,
+    builtin_checks,
+    check_key,
+    default_points,
+    keeps_points,
+    marker_points,
+    marker_visibility,
+    missing_reason,
+    parse_hidden,
+    parse_points,
+    points_for,
+    visibility_for,
+)
 
 POINTS_PROPERTY = "backprop_points"
 VISIBILITY_PROPERTY = "backprop_visibility"
 MARKER_ERROR_PROPERTY = "backprop_marker_error"
-VISIBILITIES = ("hidden", "after_due_date", "after_published", "visible")
-DEFAULT_POINTS = 1.0
 MAX_OUTPUT = 8000  # characters of one test's output; Gradescope shows long outputs poorly
-BUILTIN_PREFIX = "backprop::"
 
 
 def register_markers(config: pytest.Config) -> None:
@@ -61,175 +80,12 @@ def register_markers(config: pytest.Config) -> None:
     add_marker_lines(config)
 
 
-# --- the points and visibility settings -------------------------------------------------------
-
-@dataclass(frozen=True)
-class Rule:
-    """One ``PATTERN=VALUE`` entry of ``backprop_points`` or ``backprop_hidden``."""
-
-    pattern: str
-    value: Any
-
-    @property
-    def exact(self) -> bool:
-        return not any(c in self.pattern for c in "*?[")
-
-    def matches(self, key: str) -> bool:
-        return fnmatch.fnmatchcase(key, self.pattern)
-
-
-def _entries(text: str | Sequence[str] | None) -> list[str]:
-    if not text:
-        return []
-    if not isinstance(text, str):
-        text = " ".join(str(t) for t in text)
-    return [e for e in text.replace(",", " ").split() if e]
-
-
-def _pattern(raw: str) -> str:
-    # "ex1" alone means every check of exercise 1.
-    if "::" not in raw and "/" not in raw and not raw.endswith(".py") and not any(c in raw for c in "*?["):
-        return f"{raw}::*"
-    return raw
-
-
-def parse_points(text: str | Sequence[str] | None) -> list[Rule]:
-    """Parse ``backprop_points``: whitespace- or comma-separated ``PATTERN=POINTS`` entries.
-
-    Example::
-
-        rules = parse_points("ex1=1 ex2=3 ex1::b1=2")
-        points_for("ex1::b1", rules)   # 2.0
-        points_for("ex1::h", rules)    # 1.0
-    """
-    rules = []
-    for entry in _entries(text):
-        pattern, sep, value = entry.rpartition("=")
-        if not sep or not pattern:
-            raise pytest.UsageError(f"backprop_points: {entry!r} is not PATTERN=POINTS "
-                                    "(e.g. backprop_points = ex1=1 ex2=3 ex1::b1=2)")
-        try:
-            points = float(value)
-        except ValueError:
-            points = float("nan")
-        if not math.isfinite(points) or points < 0:
-            raise pytest.UsageError(f"backprop_points: {entry!r}: points must be a number >= 0, got {value!r}")
-        rules.append(Rule(_pattern(pattern), points))
-    return rules
-
-
-def parse_hidden(text: str | Sequence[str] | None) -> list[Rule]:
-    """Parse ``backprop_hidden``: ``PATTERN`` (hidden) or ``PATTERN=VISIBILITY`` entries.
-
-    Example::
-
-        rules = parse_hidden("ex3 ex1::b1=after_due_date")
-        visibility_for("ex3::hprebn", rules)   # "hidden"
-    """
-    rules = []
-    for entry in _entries(text):
-        pattern, sep, value = entry.partition("=")
-        value = value if sep else "hidden"
-        if not pattern or value not in VISIBILITIES:
-            raise pytest.UsageError(f"backprop_hidden: {entry!r}: expected PATTERN or PATTERN=VISIBILITY with "
-                                    f"VISIBILITY one of {', '.join(VISIBILITIES)}")
-        rules.append(Rule(_pattern(pattern), value))
-    return rules
-
-
-def _lookup(key: str, rules: Iterable[Rule], default: Any) -> Any:
-    rules = list(rules)
-    for rule in rules:
-        if rule.exact and rule.pattern == key:
-            return rule.value
-    found = default
-    for rule in rules:
-        if rule.matches(key):
-            found = rule.value
-    return found
-
-
-def points_for(key: str, rules: Iterable[Rule], default: float = DEFAULT_POINTS) -> float:
-    """Points of the check or test ``key`` (``ex1::b1``, or a node id): exact entry, else the last
-    matching pattern, else ``default``.
-
-    Example::
-
-        points_for("ex1::C", parse_points("ex1=1 ex1::C=2"))   # 2.0
-    """
-    return float(_lookup(key, rules, default))
-
-
-def visibility_for(key: str, rules: Iterable[Rule], default: str = "visible") -> str:
-    """Gradescope visibility of ``key`` under the ``backprop_hidden`` rules.
-
-    Example::
-
-        visibility_for("properties::ex1", parse_hidden("properties::*"))   # "hidden"
-    """
-    return str(_lookup(key, rules, default))
-
-
-def check_key(nodeid: str) -> str:
-    """The key points patterns match: ``ex1::b1`` for ``backprop::ex1::b1``, else the node id.
-
-    Example::
-
-        check_key("backprop::ex1::b1")        # "ex1::b1"
-        check_key("tests/test_hw.py::test_a")  # unchanged
-    """
-    return nodeid[len(BUILTIN_PREFIX):] if nodeid.startswith(BUILTIN_PREFIX) else nodeid
-
-
-def marker_points(item: pytest.Item) -> float | None:
-    """Points given by ``@pytest.mark.backprop_points(n)`` on ``item`` (closest marker), or None.
-
-    Raises ValueError with a clear message for a malformed marker.
-
-    Example::
-
-        @pytest.mark.backprop_points(2)
-        def test_worth_two(): ...          # marker_points(item) == 2.0
-    """
-    marker = item.get_closest_marker(POINTS_MARKER)
-    if marker is None:
-        return None
-    value = marker.args[0] if marker.args else marker.kwargs.get("points")
-    if len(marker.args) > 1 or (value is None) or isinstance(value, bool):
-        raise ValueError(f"@pytest.mark.{POINTS_MARKER} takes one number, e.g. @pytest.mark.{POINTS_MARKER}(2); "
-                         f"got args={marker.args!r} kwargs={marker.kwargs!r}")
-    try:
-        points = float(value)
-    except (TypeError, ValueError):
-        points = float("nan")
-    if not math.isfinite(points) or points < 0:
-        raise ValueError(f"@pytest.mark.{POINTS_MARKER}: points must be a number >= 0, got {value!r}")
-    return points
-
-
-def marker_visibility(item: pytest.Item) -> str | None:
-    """Visibility given by ``@pytest.mark.backprop_hidden`` on ``item``, or None.
-
-    Example::
-
-        @pytest.mark.backprop_hidden(visibility="after_due_date")
-        def test_later(): ...              # marker_visibility(item) == "after_due_date"
-    """
-    marker = item.get_closest_marker(HIDDEN_MARKER)
-    if marker is None:
-        return None
-    value = marker.args[0] if marker.args else marker.kwargs.get("visibility", "hidden")
-    if value not in VISIBILITIES:
-        raise ValueError(f"@pytest.mark.{HIDDEN_MARKER}: visibility must be one of {', '.join(VISIBILITIES)}; "
-                         f"got {value!r}")
-    return value
-
-
 # --- results.json -----------------------------------------------------------------------------
 
 @dataclass
 class Case:
-    """One Gradescope test case, before it is written."""
+    """One Gradescope test case, before it is written. ``kept``: failed, but keeps its points (an
+    ``inherited`` failure under ``backprop_cascade = independent``)."""
 
     name: str
     max_score: float
@@ -237,11 +93,16 @@ class Case:
     output: str
     visibility: str = "visible"
     tags: tuple[str, ...] = ()
+    kept: bool = False
+
+    @property
+    def score(self) -> float:
+        return self.max_score if self.passed or self.kept else 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The ``tests[]`` entry of Gradescope's results.json."""
         output = self.output if len(self.output) <= MAX_OUTPUT else self.output[:MAX_OUTPUT] + "\n... (truncated)"
-        data = {"name": self.name, "score": _num(self.max_score if self.passed else 0.0),
+        data = {"name": self.name, "score": _num(self.score),
                 "max_score": _num(self.max_score), "status": "passed" if self.passed else "failed",
                 "output": output, "visibility": self.visibility}
         if self.tags:
@@ -262,7 +123,7 @@ def results_json(cases: Sequence[Case], *, output: str, execution_time: float,
 
         results_json([Case("ex1: dlogprobs", 1, True, "ok")], output="", execution_time=1.0)["score"]  # 1
     """
-    score = sum(c.max_score for c in cases if c.passed)
+    score = sum(c.score for c in cases)
     return {"score": _num(score), "execution_time": round(max(execution_time, 0.0), 3), "output": output,
             "output_format": "text", "test_output_format": "text",
             "tests": [c.to_json() for c in cases],
@@ -368,6 +229,12 @@ class GradescopeReporter:
         self.summary: str | None = None
         self.point_rules = parse_points(options.get(config, "points"))
         self.hidden_rules = parse_hidden(options.get(config, "hidden"))
+        self.cascade = options.get(config, "cascade")
+        self.folders = submission_folders(config)
+
+    def points(self, key: str, *, builtin: bool) -> float:
+        """Points of ``key`` under the ini rules (a built-in check's default from the catalogue)."""
+        return points_for(key, self.point_rules, default_points(key) if builtin else DEFAULT_POINTS)
 
     # Annotate every item with its points and visibility (runs on xdist workers too).
     @pytest.hookimpl(tryfirst=True)
@@ -380,7 +247,7 @@ class GradescopeReporter:
             item.user_properties.append((MARKER_ERROR_PROPERTY, str(exc)))
             points, visibility = 0.0, "visible"
         if points is None:
-            points = points_for(key, self.point_rules)
+            points = self.points(key, builtin=item.nodeid.startswith(BUILTIN_PREFIX))
         if visibility is None:
             visibility = visibility_for(key, self.hidden_rules)
         item.user_properties.append((POINTS_PROPERTY, points))
@@ -446,37 +313,63 @@ class GradescopeReporter:
     def _session(self) -> Any:
         return self.config.pluginmanager.get_plugin("backprop-session")
 
-    def cases(self) -> list[Case]:
-        """The test cases: built-in verdicts in the table's order, then everything else in run order."""
+    def _builtin_case(self, o: Outcome, verdict: Any, points: float, visibility: str) -> Case:
         from ..report.text import render_verdict
 
+        passed = verdict.status == "pass" and o.passed
+        # a failing item's own report (for a gradient: exactly render_verdict; for a property, its
+        # smallest case and seed too); otherwise the verdict's one-line rendering
+        failed = verdict.status in ("fail", "error") and o.texts
+        text = "\n\n".join(t for t in o.texts if t) if failed else render_verdict(verdict)
+        if verdict.status == "error":  # the student's code did not run: always say why
+            visibility = "visible"
+        kept = not passed and keeps_points(verdict.status, verdict.diagnosis.code, self.cascade)
+        if kept:
+            text = ("Keeps its points: this gradient is wrong only because an earlier one is (fix that one "
+                    "and this one follows).\n\n" + text)
+        return Case(check_key(o.nodeid), points, passed, text, visibility, (verdict.exercise, verdict.diagnosis.code),
+                    kept=kept)
+
+    def cases(self) -> list[Case]:
+        """The test cases: the built-in catalogue in the table's order (missing checks included), then
+        everything else in run order."""
         session = self._session()
         verdicts = {v.key: v for v in session.ordered()} if session is not None else {}
         rank = {key: i for i, key in enumerate(verdicts)}
-        outcomes = sorted(self.outcomes.values(),
-                          key=lambda o: (0, rank[o.verdict_key]) if o.verdict_key in rank else (1, 0))
-        cases = []
-        for o in outcomes:
-            points = float(o.properties.get(POINTS_PROPERTY, points_for(check_key(o.nodeid), self.point_rules)))
-            visibility = o.properties.get(VISIBILITY_PROPERTY, visibility_for(check_key(o.nodeid), self.hidden_rules))
+        builtin: dict[str, Case] = {}
+        others: list[Case] = []
+        for o in sorted(self.outcomes.values(),
+                        key=lambda o: (0, rank[o.verdict_key]) if o.verdict_key in rank else (1, 0)):
+            key = check_key(o.nodeid)
+            is_builtin = o.nodeid.startswith(BUILTIN_PREFIX)
+            points = float(o.properties.get(POINTS_PROPERTY, self.points(key, builtin=is_builtin)))
+            visibility = o.properties.get(VISIBILITY_PROPERTY, visibility_for(key, self.hidden_rules))
             verdict = verdicts.get(o.verdict_key) if o.verdict_key else None
             if verdict is not None:
-                passed = verdict.status == "pass" and o.passed
-                # a failing item's own report (for a gradient: exactly render_verdict; for a property,
-                # its smallest case and seed too); otherwise the verdict's one-line rendering
-                failed = verdict.status in ("fail", "error") and o.texts
-                text = "\n\n".join(t for t in o.texts if t) if failed else render_verdict(verdict)
-                if verdict.status == "error":  # the student's code did not run: always say why
-                    visibility = "visible"
-                name = check_key(o.nodeid)  # the key backprop_points/backprop_hidden match
-                tags = (verdict.exercise, verdict.diagnosis.code)
+                builtin[key] = self._builtin_case(o, verdict, points, visibility)
             else:
-                passed = o.passed
-                text = "\n\n".join(t for t in o.texts if t) or ("passed" if passed else "failed")
-                name = check_key(o.nodeid)
-                tags = ()
-            cases.append(Case(name, points, passed, text, visibility, tags))
-        return self.problems + cases
+                text = "\n\n".join(t for t in o.texts if t) or ("passed" if o.passed else "failed")
+                case = Case(key, points, o.passed, text, visibility)
+                if is_builtin:
+                    builtin[key] = case
+                else:
+                    others.append(case)
+        ordered: list[Case] = []
+        if session is not None:
+            for key, default in self.catalogue():
+                if key in builtin:
+                    ordered.append(builtin.pop(key))
+                    continue
+                points = points_for(key, self.point_rules, default)
+                if points > 0:
+                    ordered.append(Case(key, points, False, f"{missing_reason(key)} 0 of {_num(points)} points.",
+                                        visibility_for(key, self.hidden_rules), ("missing",)))
+        return self.problems + ordered + list(builtin.values()) + others
+
+    def catalogue(self) -> list[tuple[str, float]]:
+        """The built-in checks this session grades whatever the submission (:func:`builtin_checks`)."""
+        return builtin_checks(steps=options.get(self.config, "steps"), examples=options.get(self.config, "examples"),
+                              broadcast=options.get(self.config, "broadcast"))
 
     def output(self, cases: Sequence[Case]) -> str:
         """The top-level output: the lecture's table (as in the terminal) and the score."""
@@ -488,7 +381,7 @@ class GradescopeReporter:
             lines += render_summary(session.ordered(), session.state.reported_warnings.values())
             lines.append("")
         lines += [f"{c.name}: {c.output.splitlines()[0] if c.output else ''}" for c in self.problems]
-        score = sum(c.max_score for c in cases if c.passed)
+        score = sum(c.score for c in cases)
         total = sum(c.max_score for c in cases)
         passed = sum(c.passed for c in cases)
         lines.append(f"{passed} of {len(cases)} tests passed; score {_num(score)} / {_num(total)}")
@@ -510,8 +403,10 @@ class GradescopeReporter:
             elif not cases:
                 cases = [Case("No tests ran", 0.0, False, "pytest collected no tests: check the grader's "
                                                           "configuration (testpaths, backprop_impl)")]
-            data = results_json(cases, output=self.output(cases), execution_time=elapsed,
-                                extra={"exit_status": self.exitstatus})
+            for case in cases:
+                case.output = relative_paths(case.output, self.folders)
+            data = results_json(cases, output=relative_paths(self.output(cases), self.folders),
+                                execution_time=elapsed, extra={"exit_status": self.exitstatus})
         except Exception as exc:  # noqa: BLE001 -- still write a valid file
             data = crash_results(f"the grader failed while writing results: {type(exc).__name__}: {exc}",
                                  execution_time=elapsed)
@@ -521,6 +416,41 @@ class GradescopeReporter:
                             f"(score {data['score']} / {data['extra_data'].get('max_score')})")
         except OSError as exc:
             sys.stderr.write(f"backprop: cannot write Gradescope results to {self.path}: {exc}\n")
+
+
+def submission_folders(config: pytest.Config) -> list[str]:
+    """The folders paths in reports are made relative to: the rootdir and the working directory
+    (as given and resolved), longest first.
+
+    Example::
+
+        submission_folders(config)   # ['/tmp/tmp.x1y2/', ...]
+    """
+    found: set[str] = set()
+    for folder in (Path(config.rootpath), Path(config.invocation_params.dir), Path.cwd()):
+        for variant in (folder, folder.resolve()):
+            text = str(variant).rstrip(os.sep)
+            if text:
+                found.add(text + os.sep)
+    return sorted(found, key=len, reverse=True)
+
+
+def relative_paths(text: str, folders: Sequence[str]) -> str:
+    """``text`` with the submission's folders cut from every path: ``/tmp/tmp.x1y2/homework.py:21``
+    becomes ``homework.py:21``.
+
+    Example::
+
+        relative_paths("raised at /tmp/ag/homework.py:3", ["/tmp/ag/"])   # 'raised at homework.py:3'
+        relative_paths("looked in /tmp/ag", ["/tmp/ag/"])                   # 'looked in .'
+    """
+    import re
+
+    for folder in folders:
+        text = text.replace(folder, "")
+        # the folder itself, as a word ("looked in /tmp/ag and ..."): the submission's folder is "."
+        text = re.sub(re.escape(folder.rstrip(os.sep)) + r"(?=$|[\s'\"),:;])", ".", text)
+    return text
 
 
 def configure(config: pytest.Config) -> GradescopeReporter | None:
@@ -543,20 +473,67 @@ def configure(config: pytest.Config) -> GradescopeReporter | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: make sure a valid results.json exists (for ``run_autograder``).
+    """The command line (``python -m pytest_backprop.gradescope``, or ``backprop-autograder``):
+
+    - ``build [FOLDER] [-o autograder.zip] [--kit WHEEL_OR_SOURCE]``: write Gradescope's upload;
+    - ``try autograder.zip SUBMISSION``: run it locally on one submission and print the score;
+    - ``--ensure PATH [--log FILE]``: make sure a valid results.json exists (for ``run_autograder``).
 
     Example::
 
+        python -m pytest_backprop.gradescope build examples/homework -o autograder.zip
+        python -m pytest_backprop.gradescope try autograder.zip examples/ex1_solution.py
         python -m pytest_backprop.gradescope --ensure results.json --log pytest.log
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["build"], ["try"]):
+        return _autograder_command(argv)
     parser = argparse.ArgumentParser(prog="python -m pytest_backprop.gradescope",
-                                     description="Make sure a valid Gradescope results.json exists.")
+                                     description="Make sure a valid Gradescope results.json exists "
+                                                 "(or: build FOLDER, try ZIP SUBMISSION; see --help of each).")
     parser.add_argument("--ensure", metavar="PATH", required=True,
                         help="write a crash result here unless a valid results.json already exists")
     parser.add_argument("--log", metavar="FILE", help="pytest's output, quoted in the crash result")
     args = parser.parse_args(argv)
     wrote = ensure_results(args.ensure, log=args.log)
     print(f"{args.ensure}: {'wrote a crash result' if wrote else 'valid'}")
+    return 0
+
+
+def _autograder_command(argv: list[str]) -> int:
+    from . import autograder
+
+    parser = argparse.ArgumentParser(prog="python -m pytest_backprop.gradescope")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="write Gradescope's autograder upload from a course folder")
+    build.add_argument("folder", nargs="?", default=".", help="the course folder (its pytest configuration "
+                       "names backprop_impl; default: the current folder)")
+    build.add_argument("-o", "--output", default="autograder.zip", help="the zip to write (default autograder.zip)")
+    build.add_argument("--kit", metavar="WHEEL_OR_SOURCE", help="ship this wheel of pytest-backprop (or one built "
+                       "from this source folder) instead of installing it from PyPI")
+    build.add_argument("--impl", help="the file students hand in (default: backprop_impl of the folder)")
+    build.add_argument("--time-limit", type=int, default=autograder.DEFAULT_TIME_LIMIT, metavar="SECONDS",
+                       help=f"seconds for one submission's whole run (default {autograder.DEFAULT_TIME_LIMIT})")
+    build.add_argument("--sandbox-user", default=autograder.DEFAULT_SANDBOX_USER, metavar="USER",
+                       help="the unprivileged user students' code runs as on Gradescope (created by setup.sh; "
+                            f"default {autograder.DEFAULT_SANDBOX_USER}; empty: the grader's user)")
+    attempt = commands.add_parser("try", help="run an upload's run_autograder on one submission, here")
+    attempt.add_argument("zip", help="the upload (autograder.zip)")
+    attempt.add_argument("submission", help="the student's file (or a folder of their files)")
+    attempt.add_argument("--root", help="the folder to unpack into (default: a new temporary folder)")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        try:
+            path = autograder.build(args.folder, args.output, kit=args.kit, impl=args.impl,
+                                    time_limit=args.time_limit, sandbox_user=args.sandbox_user)
+        except autograder.BuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}: upload it as the autograder of a Gradescope programming assignment")
+        return 0
+    root = Path(args.root) if args.root else None
+    data = autograder.try_autograder(args.zip, args.submission, root=root)
+    print(autograder.describe_results(data))
     return 0
 
 
