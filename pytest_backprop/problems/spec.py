@@ -211,6 +211,11 @@ class ProblemSpec:
     table: LineTable = field(repr=False)
     module: ModuleType | None = field(default=None, repr=False)
 
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """A spec holds code: it is pickled as where to load it from (``--backprop-isolate``'s child
+        loads it again from ``origin``)."""
+        return load_spec, (self.origin,)
+
     # the table's views, so that callers read one object
     @property
     def lines(self) -> tuple[Line, ...]:

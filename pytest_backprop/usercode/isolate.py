@@ -62,7 +62,7 @@ from reference_model.model import LINES
 
 from ..problems.instance import Problem
 from ..verdict import Diagnosis, Location
-from .base import Implementation, LoadError, RunResult, SourceSpan
+from .base import GradientError, Implementation, LoadError, RunResult, SourceSpan
 from .run import UserError, describe_type
 
 #: Seconds the child may take to start (interpreter, torch, loading the implementation), on top of
@@ -93,8 +93,8 @@ class Opaque:
 
 #: Records that travel by value (a RunResult and what it holds). A record type added to RunResult
 #: must be listed here to be sent back; any other object becomes an :class:`Opaque`.
-WIRE_RECORDS: dict[str, type] = {cls.__name__: cls for cls in (RunResult, UserError, Diagnosis, Location,
-                                                               SourceSpan, Opaque)}
+WIRE_RECORDS: dict[str, type] = {cls.__name__: cls for cls in (RunResult, GradientError, UserError, Diagnosis,
+                                                               Location, SourceSpan, Opaque)}
 _RECORD_NAMES = {cls: name for name, cls in WIRE_RECORDS.items()}
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 
@@ -136,6 +136,8 @@ def to_plain(value: Any, depth: int = 0) -> Any:
         return [to_plain(v, depth + 1) for v in value]
     if type(value) is tuple:
         return {"__tuple__": [to_plain(v, depth + 1) for v in value]}
+    if type(value) in (set, frozenset):
+        return {"__set__": [to_plain(v, depth + 1) for v in value]}
     if type(value) is dict:
         return {"__dict__": [[to_plain(k, depth + 1), to_plain(v, depth + 1)] for k, v in value.items()]}
     try:
@@ -193,6 +195,8 @@ def from_plain(value: Any) -> Any:
         return _tensor_from(body)
     if tag == "__tuple__" and type(body) is list:
         return tuple(from_plain(v) for v in body)
+    if tag == "__set__" and type(body) is list:
+        return frozenset(from_plain(v) for v in body)
     if tag == "__dict__" and type(body) is list:
         return {from_plain(k): from_plain(v) for k, v in body}
     if tag == "__opaque__" and type(body) is str:
@@ -709,6 +713,8 @@ class IsolatedImplementation(Implementation):
         impl.close()
     """
 
+    supports_plans = True
+
     def __init__(self, spec: str, rootdir: Path, timeout: float | None = None, *, user: int | str | None = None):
         from .loaders import find_file
 
@@ -717,6 +723,7 @@ class IsolatedImplementation(Implementation):
         self.rootdir = Path(rootdir)
         self.user = user
         self.deaths = 0
+        self._programs: dict[str, Any] = {}  # exercise -> the program as its source says (never run here)
         self._child: WarmChild | None = self._start(timeout)
         self._exercises = self._child.exercises
         self.description = f"{self._child.description} (isolated)"
@@ -771,10 +778,25 @@ class IsolatedImplementation(Implementation):
                 sys.stdout.write(printed)  # into the running test's captured output
         return answer
 
+    def _with_truths(self, exercise: str, problem: Problem, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The plan the child runs under, with the true gradients of those the code reads but never
+        writes (found from its source, here: the child is never asked which truths it wants)."""
+        from .loaders import static_program
+        from .program import Plan
+
+        if exercise not in self._programs:
+            self._programs[exercise] = static_program(self.spec, self.rootdir, exercise)
+        program = self._programs[exercise]
+        if program is None:
+            return kwargs
+        plan = kwargs.get("plan") or Plan()
+        wanted = {t: problem.grads[t] for t in program.read_not_written() if t in problem.grads}
+        return {**kwargs, "plan": Plan(plan.substitute, plan.continue_past, {**plan.inject, **wanted})}
+
     def run(self, exercise: str, problem: Problem, timeout: float | None, **kwargs: Any) -> RunResult:
         """Run ``exercise`` in the child; keyword arguments go to the child's ``run`` unchanged."""
         answer = self._ask({"op": "run", "exercise": exercise, "problem": self._sendable(problem, exercise),
-                            "timeout": timeout, "kwargs": kwargs}, timeout)
+                            "timeout": timeout, "kwargs": self._with_truths(exercise, problem, kwargs)}, timeout)
         if isinstance(answer, UserError):
             return RunResult({}, answer)
         status, data = answer

@@ -133,3 +133,40 @@ def static_source_spans(spec: str, rootdir: Path) -> list[SourceSpan]:
 
         return NotebookImplementation.from_script(path).source_spans()
     return [SourceSpan(text, display_path(path))]
+
+
+def static_program(spec: str, rootdir: Path, exercise: str) -> "Program | None":
+    """The program an implementation runs for ``exercise``, built from its source without running any
+    of it (a module is not imported): what the grader's process knows of code it runs in a child.
+    None for forms without statements (per-line modules) or when the source cannot be read.
+
+    Example::
+
+        static_program("ninja.ipynb", Path.cwd(), "ex1").read_not_written()   # e.g. ['counts_sum_inv']
+    """
+    import importlib.util
+
+    from .modules import backward_program
+    from .notebook import NotebookImplementation
+
+    try:
+        path = find_file(spec, rootdir)
+        if path is None:
+            found = importlib.util.find_spec(spec)
+            path = Path(found.origin) if found is not None and found.origin else None
+        if path is None:
+            return None
+        if path.suffix == ".ipynb":
+            notebook = NotebookImplementation(path)
+            return notebook.program(exercise) if exercise in notebook.exercises() else None
+        text = path.read_text()
+        if any(line.startswith(("# %%", "#%%")) for line in text.splitlines()):
+            notebook = NotebookImplementation.from_script(path)
+            return notebook.program(exercise) if exercise in notebook.exercises() else None
+        if exercise != "ex1":
+            return None
+        if defines_functions(path):
+            return backward_program(text, str(path))
+        return ScriptImplementation(path).program
+    except (LoadError, OSError, ImportError, ValueError, SyntaxError):
+        return None

@@ -115,14 +115,9 @@ class ModuleImplementation(Implementation):
     def program(self) -> Program | None:
         """``backward``'s body as a program (None when its source cannot be read or it is not a plain function)."""
         if self._program is False:
-            self._program = None
             sources = self._sources()
-            if sources and inspect.isfunction(getattr(self.module, "backward", None)):
-                text, file = sources[0]
-                unit = UnitSource(text, SourceSpan(text, display_path(file)), file, function="backward")
-                program = Program([unit], GRADIENT_ORDER, extra_names=returned_names(text, "backward"))
-                if program.statements and program.units[0].code is not None:
-                    self._program = program
+            plain = inspect.isfunction(getattr(self.module, "backward", None))
+            self._program = backward_program(*sources[0]) if sources and plain else None
         return self._program
 
     def run(self, exercise: str, problem: Problem, timeout: float | None, *, plan: Plan | None = None) -> RunResult:
@@ -173,6 +168,19 @@ class ModuleImplementation(Implementation):
             return [(Path(file).read_text(), str(file))] if file else []
         except OSError:
             return []
+
+
+def backward_program(text: str, file: str) -> Program | None:
+    """The body of the ``backward`` function defined in ``text`` as a program, analysed and compiled
+    without running anything (None when there is no such function).
+
+    Example::
+
+        backward_program("def backward(cache):\n    dprobs = -cache['probs']\n    return {'probs': dprobs}", "m.py")
+    """
+    unit = UnitSource(text, SourceSpan(text, display_path(file)), file, function="backward")
+    program = Program([unit], GRADIENT_ORDER, extra_names=returned_names(text, "backward"))
+    return program if program.statements and program.units[0].code is not None else None
 
 
 def returned_names(source: str, function: str) -> dict[str, str]:

@@ -366,10 +366,13 @@ class Program:
         return named + [v for v, t in self.gradient_vars.items() if t == tensor and v not in named]
 
     def read_not_written(self) -> list[str]:
-        """Gradients whose variable the code reads (a later line uses it) but never writes: not attempted."""
+        """Gradients the code reads (a later line uses them) but never writes under any of their
+        variables: not attempted yet. (One written under another name, ``x = dprobs`` with
+        ``cmp('probs', x, probs)``, is the code's own answer and never gets the truth.)"""
         written = {v for s in self.statements if s.kind == "code" for v in s.stores}
         read = {v for s in self.statements if s.kind == "code" for v in s.loads}
-        return [t for t in self.tensors if any(v in read and v not in written for v in self.variables_of(t))]
+        return [t for t in self.tensors if not any(v in written for v in self.variables_of(t))
+                and any(v in read for v in self.variables_of(t))]
 
     # instrumentation
     def _instrument(self) -> None:

@@ -155,8 +155,11 @@ def guard_exit() -> Iterator[None]:
             exec("os._exit(3)", {"os": os})   # SystemExit: os._exit(3) called by your code
     """
     real_exit = os._exit
+    here = os.getpid()
 
     def exit_instead(code: int = 0) -> None:
+        if os.getpid() != here:  # a process the user's code forked: let it end for real
+            real_exit(code)
         raise SystemExit(f"os._exit({code}) called by your code")
 
     os._exit = exit_instead
