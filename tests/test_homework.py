@@ -174,7 +174,7 @@ def test_students_see_a_template_that_is_all_not_attempted(pytester):
     outcomes = result.parseoutcomes()
     # nothing passes either: an empty template must not earn points
     assert outcomes.get("failed", 0) == outcomes.get("errors", 0) == outcomes.get("passed", 0) == 0, outcomes
-    assert outcomes["skipped"] == 26 + 1 + 5  # 26 gradients, Exercise 4, 5 instructor tests
+    assert outcomes["skipped"] == 26 + 2 + 1 + 5  # 26 gradients, Exercises 2 and 3 (not in a script), 4, 5 instructor tests
     result.stdout.fnmatch_lines_random(["SKIPPED*dlogprobs: not attempted: no dlogprobs yet*",
                                         "SKIPPED*test_homework_backprop.py*not attempted: dlogprobs, dprobs*"])
     assert "| ok" not in "\n".join(line for line in result.outlines if line.startswith("ex1 "))
@@ -192,7 +192,9 @@ def test_the_homework_uses_no_internals():
 
 def test_a_solution_gets_full_marks(graded):
     data = graded["solution"]
-    assert [t["name"] for t in data["tests"] if t["status"] != "passed"] == []
+    # a script answers Exercise 1 only: Exercises 2 and 3 have their rows, skipped, worth 0 here
+    assert [t["name"] for t in data["tests"] if t["status"] != "passed"] == ["ex2::logits", "ex3::hprebn"]
+    assert {t["max_score"] for t in data["tests"] if t["status"] != "passed"} == {0}
     assert data["score"] == data["extra_data"]["max_score"] == 38
     tests = by_name(data)
     assert tests["ex1::C"]["max_score"] == 2 and tests["ex4::sgd"]["max_score"] == 2
@@ -216,7 +218,9 @@ def test_one_mistake_costs_its_own_points_unless_the_cascade_is_strict(graded):
     assert default["ex1::counts"]["score"] == 0 and "[missing_branch]" in default["ex1::counts"]["output"]
     assert default["ex1::W1"]["score"] == 1 and default["ex1::W1"]["output"].startswith("Keeps its points")
     assert strict["ex1::W1"]["score"] == 0
-    assert graded["one_mistake"]["score"] == 26 and graded["one_mistake_strict"]["score"] == 5
+    # Exercise 4 fails only because of dcounts (inherited from Exercise 1): it keeps its 2 points by default
+    assert default["ex4::sgd"]["score"] == 2 and "[inherited]" in default["ex4::sgd"]["output"]
+    assert graded["one_mistake"]["score"] == 28 and graded["one_mistake_strict"]["score"] == 5
 
 
 DOC_ROWS = {  # a phrase of the docs' row -> the graded submission (default cascade, strict)

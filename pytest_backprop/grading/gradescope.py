@@ -327,6 +327,8 @@ class GradescopeReporter:
         if kept:
             text = ("Keeps its points: this gradient is wrong only because an earlier one is (fix that one "
                     "and this one follows).\n\n" + text)
+        elif verdict.status == "skip" and points > 0:  # not attempted, or not in the submission at all
+            text = f"{text}\n0 of {_num(points)} points."
         return Case(check_key(o.nodeid), points, passed, text, visibility, (verdict.exercise, verdict.diagnosis.code),
                     kept=kept)
 
