@@ -367,7 +367,8 @@ def test_isolated_session_runs_properties_and_the_full_exercise_4_in_one_child(p
                                            "--backprop-examples=2", "--backprop-steps=4", "-p", "no:cacheprovider",
                                            "-rs")
     outcomes = result.parseoutcomes()
-    assert outcomes.get("failed", 0) == 0 and outcomes.get("skipped", 0) == 0, result.stdout.str()[-3000:]
+    # nothing skipped but Exercises 2 and 3, which a script does not answer
+    assert outcomes.get("failed", 0) == 0 and outcomes.get("skipped", 0) == 2, result.stdout.str()[-3000:]
     assert outcomes["passed"] == 26 + 1 + 1 + 1  # gradients, properties::ex1, ex4::sgd, test_mine
     result.stdout.fnmatch_lines(["*ex4*sgd*ok*", "*prop-ex1*ok*"])
     seen = pids.read_text().split()

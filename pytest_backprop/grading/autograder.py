@@ -199,7 +199,7 @@ def describe_results(data: dict[str, Any]) -> str:
     """
     lines = [f"score {data.get('score')} / {data.get('extra_data', {}).get('max_score')}"]
     for test in data.get("tests", []):
-        if test.get("status") != "passed":
+        if test.get("status") != "passed" and test.get("max_score"):  # a row worth 0 costs nothing
             first = (test.get("output") or "").strip().splitlines()[:1]
             lines.append(f"  {test.get('score')}/{test.get('max_score')}  {test.get('name')}: {first[0] if first else ''}")
     return "\n".join(lines)
