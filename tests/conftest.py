@@ -1,7 +1,11 @@
 """Shared helpers for the test suite.
 
-Plugin behaviour is tested as users run it: ``pytester.runpytest_subprocess`` with the installed
-plugin (entry point ``backprop``). Paths below point at the repository's example implementations.
+Plugin behaviour is tested as users run it, with the installed plugin (entry point ``backprop``):
+``run_kit`` runs pytest in this process (``pytester.runpytest_inprocess``: torch, hypothesis and the
+kit are imported once, so a run costs the kit's work, not three imports); tests of what only a
+process shows (torch never imported, exit codes, xdist, isolation) use ``runpytest_subprocess``,
+which :func:`_bytecode_for_subprocesses` lets cache its bytecode. Paths below point at the
+repository's example implementations.
 """
 
 from __future__ import annotations
@@ -44,8 +48,69 @@ GRADIENTS_ONLY = ("--backprop", "--backprop-examples=0", "--backprop-steps=0")
 
 
 def run_kit(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    """``pytest --backprop`` in a subprocess, restricted to the per-gradient items."""
-    return pytester.runpytest_subprocess(*GRADIENTS_ONLY, *args)
+    """``pytest --backprop`` in this process, restricted to the per-gradient items."""
+    return run_inprocess(pytester, *GRADIENTS_ONLY, *args)
+
+
+def run_inprocess(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """``pytest *args`` in this process (``pytester.runpytest_inprocess``), with what the kit imports
+    lazily imported when this conftest is (:func:`_preload_kit`): pytester drops the modules imported
+    while a test that uses it runs, and torch's must not be imported twice."""
+    return pytester.runpytest_inprocess(*args)
+
+
+_PRELOAD = ("pytest_backprop.plugin", "pytest_backprop.checks.session", "pytest_backprop.checks.exercise4",
+            "pytest_backprop.items.collect", "pytest_backprop.items.properties", "pytest_backprop.properties.checks",
+            "pytest_backprop.properties.explain", "pytest_backprop.grading.gradescope", "pytest_backprop.grading.points",
+            "pytest_backprop.grading.student", "pytest_backprop.usercode.isolate", "pytest_backprop.usercode.notebook",
+            "pytest_backprop.report.plots", "pytest_backprop.fixtures", "reference_model.backward",
+            "reference_model.backward_lines", "reference_model.train")
+
+
+def _preload_kit() -> None:
+    import importlib
+
+    for name in _PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional extra
+            pass
+
+
+_preload_kit()
+
+
+def _keep_libraries_between_inprocess_runs() -> None:
+    """pytester restores ``sys.modules`` after each in-process run, dropping what the run imported;
+    for the user's modules that is right (each run imports them afresh), but a torch submodule
+    imported twice registers its operators twice and fails. Keep libraries' modules."""
+    import _pytest.pytester as pytester_module
+
+    keep = ("torch", "torchgen", "functorch", "numpy", "sympy", "mpmath", "hypothesis", "_hypothesis_pytestplugin",
+            "pytest_backprop", "reference_model", "matplotlib", "PIL", "IPython", "jupyter_client", "nbformat",
+            "nbclient", "ipykernel", "zmq", "tornado", "traitlets")
+    original = pytester_module.SysModulesSnapshot
+
+    class KeepLibraries(original):  # type: ignore[misc,valid-type]
+        def __init__(self, preserve=None):
+            super().__init__(preserve=lambda name: name.split(".")[0] in keep or bool(preserve and preserve(name)))
+
+    pytester_module.SysModulesSnapshot = KeepLibraries
+
+
+_keep_libraries_between_inprocess_runs()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # registered by pytest-xdist too; here so that the suite also runs without it (serially)
+    config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker (--dist loadgroup)")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bytecode_for_subprocesses() -> None:
+    """Let the pytest subprocesses of the tests write bytecode (where PYTHONDONTWRITEBYTECODE is set,
+    each would otherwise re-compile and assertion-rewrite hypothesis and the kit: ~1.5 s a run)."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def write_script(pytester: pytest.Pytester, source: str, name: str = "student.py") -> Path:

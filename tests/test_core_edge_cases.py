@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EXAMPLES, solution_with, write_script
+from conftest import EXAMPLES, run_inprocess, solution_with, write_script
 
 from pytest_backprop.checks.independent import grade_exercise
 from pytest_backprop.judge.compare import compare
@@ -67,7 +67,7 @@ def test_a_list_below_a_wrong_gradient_is_its_own_type_mistake(problem, tmp_path
 
 def test_code_that_cannot_load_keeps_the_same_items_and_says_so(pytester):
     script = write_script(pytester, "def broken(:\n")
-    result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={script}", "-q")
+    result = run_inprocess(pytester, "--backprop", f"--backprop-impl={script}", "-q")
     outcomes = result.parseoutcomes()
     assert outcomes == {"failed": 1, "skipped": 29}  # as many items as a loadable script gets (ex2, ex3 too)
     result.stdout.fnmatch_lines(["your code did not finish (ex1) [[]exception[]]:", "*invalid syntax*"])
@@ -77,7 +77,7 @@ def test_code_that_cannot_load_keeps_the_same_items_and_says_so(pytester):
 def test_timeout_skips_the_property_and_training_checks(pytester):
     source = solution_with("dC = torch.zeros_like(C)", "dC = torch.zeros_like(C)\nwhile True:\n    pass")
     script = write_script(pytester, source)
-    result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={script}", "--backprop-timeout=1", "-rs")
+    result = run_inprocess(pytester, "--backprop", f"--backprop-impl={script}", "--backprop-timeout=1", "-rs")
     result.assert_outcomes(passed=25, failed=1, skipped=4)
     result.stdout.fnmatch_lines(["*ex4: not run: your code did not finish Exercise 1*",
                                  "*your code did not finish ex1 at the lecture's sizes*"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_kit, solution_with, write_script
+from conftest import run_inprocess, run_kit, solution_with, write_script
 
 IMPL = "--backprop-impl={}"
 
@@ -122,7 +122,7 @@ def test_fixtures_work_without_backprop_and_can_be_overridden(pytester):
             f = makemore_forward
             assert_grad_matches(torch.zeros_like(f["logprobs"]), f["logprobs"], name="logprobs")
     """)
-    result = pytester.runpytest_subprocess("-q")
+    result = run_inprocess(pytester, "-q")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*dlogprobs: 8 of 216 elements*"])
 
@@ -139,14 +139,14 @@ def test_float64_run_and_names_file_from_the_rootdir(pytester, ex1_solution):
 
 def test_no_header_when_off(pytester):
     pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
-    result = pytester.runpytest_subprocess()
+    result = run_inprocess(pytester, )
     result.assert_outcomes(passed=1)
     assert "backprop:" not in result.stdout.str()
 
 
 def test_kit_options_without_backprop_warn(pytester):
     pytester.makepyfile(test_plain="def test_ok():\n    pass\n")
-    result = pytester.runpytest_subprocess("--backprop-json=out.json")
+    result = run_inprocess(pytester, "--backprop-json=out.json")
     result.assert_outcomes(passed=1, warnings=1)
     result.stdout.fnmatch_lines(["*--backprop-json has no effect without --backprop*"])
     assert not (pytester.path / "out.json").exists()

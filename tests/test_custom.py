@@ -27,6 +27,7 @@ from hypothesis.errors import HypothesisException
 from pytest_backprop import check_backward
 from pytest_backprop.judge.custom import CHECKS, OPTIONAL, CheckFailure
 from pytest_backprop.properties.strategies import elements, shapes, tensors
+from conftest import run_inprocess
 
 X3 = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
@@ -132,7 +133,7 @@ def test_failures_are_short_in_pytest(pytester):
         def test_bad():
             check_backward(Bad.apply, torch.randn(3, dtype=torch.float64), reference=lambda x: 2 * x)
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = run_inprocess(pytester, "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
     assert "IndexError: index 100 is out of bounds" in out and "return grad[100]" in out

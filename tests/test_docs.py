@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, run_inprocess
 
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
@@ -230,21 +230,19 @@ PAGE_BLOCKS = {page.name: [b for b in parse(page)[0] if b.kind in ("exec", "file
 
 
 @pytest.mark.parametrize("page", [name for name, blocks in PAGE_BLOCKS.items() if blocks])
-def test_page_examples_run(page, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_page_examples_run(page, pytester):
+    """Each page's blocks in order, in one temporary directory; its ``pytest`` commands run in this
+    process (:func:`conftest.run_inprocess`), as a user's would give the same outcome."""
     namespace: dict = {"__name__": f"docs_{page.replace('-', '_').replace('.', '_')}"}
     for block in PAGE_BLOCKS[page]:
         if block.kind == "exec":
             exec(compile(block.code, f"{page}:{block.lineno}", "exec"), namespace)  # noqa: S102 -- the docs' own code
         elif block.kind == "file":
-            (tmp_path / block.args).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / block.args).write_text(block.code)
+            (pytester.path / block.args).parent.mkdir(parents=True, exist_ok=True)
+            (pytester.path / block.args).write_text(block.code)
         else:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-            result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                                     *shlex.split(block.args)], cwd=tmp_path, capture_output=True, text=True,
-                                    env=env, timeout=600)
-            assert result.returncode == 0, f"{block.id}: pytest {block.args}\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+            result = run_inprocess(pytester, "-p", "no:cacheprovider", "-q", *shlex.split(block.args))
+            assert result.ret == 0, f"{block.id}: pytest {block.args}\n{result.stdout.str()[-3000:]}{result.stderr.str()[-2000:]}"
 
 
 def script_from(block: Block, solution: str) -> str:

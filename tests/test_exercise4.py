@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, solution_with, write_script
+from conftest import EXAMPLES, run_inprocess, solution_with, write_script
 
 from pytest_backprop.checks import exercise4 as E4
 from pytest_backprop.problems.device import check_device, single_thread
@@ -254,8 +254,8 @@ def test_plugin_end_to_end(pytester, tmp_path):
 def test_device_usage_error(pytester):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    result = pytester.runpytest_subprocess("--backprop", f"--backprop-impl={EXAMPLES / 'ex1_solution.py'}",
-                                           "--backprop-device=cuda")
+    result = run_inprocess(pytester, "--backprop", f"--backprop-impl={EXAMPLES / 'ex1_solution.py'}",
+                           "--backprop-device=cuda")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--backprop-device=cuda: CUDA is not available here*"])
 

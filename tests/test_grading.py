@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, solution_with, write_script
+from conftest import EXAMPLES, run_inprocess, solution_with, write_script
 
 from pytest_backprop.grading import gradescope as gs
 from pytest_backprop.report.text import render_verdict
@@ -191,7 +191,7 @@ def test_verdicts_json_and_gradescope_render_the_same_verdicts(pytester):
     pytester.makepyfile(test_hw=INSTRUCTOR_TESTS.replace("import sys", "import sys; return"),
                         test_broken="import no_such_module_xyz\n")
     out, report = pytester.path / "results.json", pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(
+    result = run_inprocess(pytester,
         "--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}", f"--backprop-json={report}",
         "--backprop-points=ex1=0.5 ex1::bnbias=2", "--backprop-hidden=ex1::C", "--continue-on-collection-errors",
         *FAST)
@@ -222,8 +222,8 @@ def test_unrunnable_submission_still_yields_a_valid_file(pytester, kind):
     sources = {"syntax": "dlogprobs = (\n", "raises": "dlogprobs = torch.zeros_like(logprobs)\ndprobs = 1 / 0\n"}
     impl = pytester.path / "nothing_here.py" if kind == "missing" else write_script(pytester, sources[kind])
     out = pytester.path / "results.json"
-    pytester.runpytest_subprocess("--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}",
-                                  "--backprop-hidden=*", *FAST)
+    run_inprocess(pytester, "--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}",
+                  "--backprop-hidden=*", *FAST)
     data = load_results(out)
     errors = [t for t in data["tests"] if t["status"] == "failed" and t["visibility"] == "visible"]
     assert errors, "why it failed must be visible, even with every check hidden"
@@ -270,8 +270,8 @@ def test_ensure_cli_runs_without_torch(tmp_path):
 
 def grade(pytester, impl: str, *args: str) -> dict:
     out = pytester.path / "results.json"
-    pytester.runpytest_subprocess("--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}", *FAST,
-                                  *args)
+    run_inprocess(pytester, "--backprop", f"--backprop-impl={impl}", f"--backprop-gradescope={out}", *FAST,
+                  *args)
     return load_results(out)
 
 

@@ -27,10 +27,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, REPO
+from conftest import EXAMPLES, REPO, run_inprocess
 from sandbox_env import alive, sandbox_python, sandbox_uid, uid_in_use  # noqa: F401 -- fixture
 
 from pytest_backprop.grading.autograder import build, try_autograder
+
+# one xdist worker builds and grades the module's uploads once (README's command: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("homework")
 
 HOMEWORK = EXAMPLES / "homework"
 SOLUTION = (EXAMPLES / "ex1_solution.py").read_text()
@@ -169,7 +172,7 @@ def test_the_kit_from_a_wheel_of_this_source_grades_a_submission(tmp_path):
 def test_students_see_a_template_that_is_all_not_attempted(pytester):
     """`pytest --backprop` on the template: nothing fails, every gradient and test is skipped, exit 0."""
     copy_homework(pytester.path)
-    result = pytester.runpytest_subprocess("--backprop", "-p", "no:cacheprovider", "-rs")
+    result = run_inprocess(pytester, "--backprop", "-p", "no:cacheprovider", "-rs")
     assert result.ret == pytest.ExitCode.OK
     outcomes = result.parseoutcomes()
     # nothing passes either: an empty template must not earn points

@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from conftest import GRADIENTS_ONLY, solution_with, write_script
+from conftest import GRADIENTS_ONLY, run_inprocess, solution_with, write_script
 
 from pytest_backprop.checks.independent import ancestors, grade_exercise
 from pytest_backprop.problems.instance import build_problem, resolve_words
@@ -138,7 +138,7 @@ def test_per_line_chain_is_graded_independently(tmp_path, problem):
 
 def test_inherited_failures_are_one_line_in_the_terminal(pytester):
     script = write_script(pytester, solution_with("dprobs = (1.0 / probs) * dlogprobs", "dprobs = -(1.0 / probs) * dlogprobs"))
-    result = pytester.runpytest_subprocess(*GRADIENTS_ONLY, f"--backprop-impl={script}")
+    result = run_inprocess(pytester, *GRADIENTS_ONLY, f"--backprop-impl={script}")
     text = result.stdout.str()
     failures = text[text.index("= FAILURES ="):text.index("backprop: gradients vs autograd")]
     inherited = [ln for ln in failures.splitlines() if "[inherited]" in ln]

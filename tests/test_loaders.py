@@ -15,6 +15,7 @@ from pytest_backprop.usercode.autograd_use import autograd_use
 from pytest_backprop.usercode.base import inject
 from pytest_backprop.usercode.loaders import load_implementation
 from pytest_backprop.usercode.modules import ModuleImplementation, ScriptImplementation
+from conftest import run_inprocess
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ex1_solution.py"
 
@@ -178,8 +179,8 @@ def test_endless_loop_end_to_end_session_goes_on(pytester):
     pytester.makepyfile(student="dlogprobs = torch.zeros_like(logprobs)\nwhile True:\n    pass\n"
                                 "dprobs = (1.0 / probs) * dlogprobs\n",
                         test_mine="def test_mine():\n    assert True\n")
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-timeout=1",
-                                           "-k", "not properties and not ex4", "test_mine.py")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=student.py", "--backprop-timeout=1",
+                           "-k", "not properties and not ex4", "test_mine.py")
     result.stdout.fnmatch_lines(["*dprobs*timeout*still running after 1 s*"])
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] == 1 and outcomes["failed"] == 2  # test_mine; dlogprobs wrong, dprobs timed out

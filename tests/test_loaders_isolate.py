@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_inprocess
 from sandbox_env import alive, sandbox_python, sandbox_uid, uid_in_use, world_readable_dir  # noqa: F401 -- fixture
 
 from pytest_backprop.judge.grade import verdicts_for_run
@@ -363,9 +364,9 @@ def test_isolated_session_runs_properties_and_the_full_exercise_4_in_one_child(p
         def test_mine(backprop_student, makemore_forward):
             assert "probs" in backprop_student.gradients(makemore_forward, "probs")
     """)
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-isolate",
-                                           "--backprop-examples=2", "--backprop-steps=4", "-p", "no:cacheprovider",
-                                           "-rs")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=student.py", "--backprop-isolate",
+                           "--backprop-examples=2", "--backprop-steps=4", "-p", "no:cacheprovider",
+                           "-rs")
     outcomes = result.parseoutcomes()
     # nothing skipped but Exercises 2 and 3, which a script does not answer
     assert outcomes.get("failed", 0) == 0 and outcomes.get("skipped", 0) == 2, result.stdout.str()[-3000:]
@@ -379,16 +380,16 @@ def test_isolated_session_survives_a_killed_child(pytester):
     pytester.makepyfile(student="import os, signal\ndlogprobs = torch.zeros_like(logprobs)\n"
                                 "os.kill(os.getpid(), signal.SIGKILL)\n",
                         test_mine="def test_mine():\n    assert True\n")
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-isolate",
-                                           "-k", "not properties and not ex4", "test_mine.py")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=student.py", "--backprop-isolate",
+                           "-k", "not properties and not ex4", "test_mine.py")
     result.stdout.fnmatch_lines(["*test_mine.py*", "*ProcessDied*"])
     outcomes = result.parseoutcomes()
     assert outcomes["passed"] == 1 and outcomes["failed"] == 1 and outcomes["skipped"] == 27
 
 
 def test_a_missing_file_is_reported_without_starting_a_child(pytester):
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=missing.py", "--backprop-isolate",
-                                           "--backprop-examples=0", "--backprop-steps=0")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=missing.py", "--backprop-isolate",
+                           "--backprop-examples=0", "--backprop-steps=0")
     result.stdout.fnmatch_lines(["*no such file: missing.py*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 

@@ -23,6 +23,7 @@ from pytest_backprop.usercode.perline import (
 )
 from reference_model import backward_lines
 from reference_model.model import GRADIENT_ORDER, LINE_OF, LINES
+from conftest import run_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_partial_per_line_module_skips_missing_lines(tmp_path, problem):
 def test_perline_end_to_end(pytester):
     pytester.makepyfile(lines_student="from reference_model.backward_lines import *\n"
                                       "def backward_h(dh, h):\n    return (1.0 - h) * dh\n")
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=lines_student.py", "-q", "-k", "not properties and not ex4")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=lines_student.py", "-q", "-k", "not properties and not ex4")
     result.stdout.re_match_lines([r"lines\s+h\s.*FAIL"])
     outcomes = result.parseoutcomes()
     assert outcomes["failed"] >= 2  # lines::h, then ex1::hpreact and below

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import solution_with, write_script
+from conftest import run_inprocess, solution_with, write_script
 
 from pytest_backprop.checks.independent import grade_exercise
 from pytest_backprop.judge.grade import verdicts_for_run
@@ -317,7 +317,7 @@ ARGS = ("--backprop", "--backprop-examples=0", "-k", "ex1")
 
 def test_hint_in_terminal_item_and_json(pytester):
     script = write_script(pytester, solution_with("(1.0 / (n - 1))", "(1.0 / n)"))
-    result = pytester.runpytest_subprocess(*ARGS, f"--backprop-impl={script}", "--backprop-json=out.json")
+    result = run_inprocess(pytester, *ARGS, f"--backprop-impl={script}", "--backprop-json=out.json")
     result.assert_outcomes(passed=19, failed=7)
     result.stdout.fnmatch_lines([
         "*dbndiff2 [[]scale[]]: dbndiff2 is (n-1)/n × the true gradient: "
@@ -337,7 +337,7 @@ def test_hint_in_terminal_item_and_json(pytester):
 
 def test_aliased_end_to_end(pytester):
     script = write_script(pytester, solution_with("dhprebn = dbndiff.clone()", "dhprebn = dbndiff"))
-    result = pytester.runpytest_subprocess(*ARGS, f"--backprop-impl={script}")
+    result = run_inprocess(pytester, *ARGS, f"--backprop-impl={script}")
     result.assert_outcomes(passed=25, failed=1)
     result.stdout.fnmatch_lines(["*first wrong gradient: dbndiff (ex1) [[]aliased[]]*",
                                  "*Write `dhprebn = dbndiff.clone()`*"])

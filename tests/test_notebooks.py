@@ -13,6 +13,7 @@ from pytest_backprop.judge.grade import verdicts_for_run
 from pytest_backprop.problems.instance import build_problem, resolve_words
 from pytest_backprop.usercode.loaders import load_implementation
 from pytest_backprop.usercode.notebook import NotebookImplementation, strip_magics
+from conftest import run_inprocess
 
 _spec = importlib.util.spec_from_file_location("backprop_test_notebooks", Path(__file__).parent / "data" / "notebooks.py")
 nbdata = importlib.util.module_from_spec(_spec)
@@ -180,8 +181,8 @@ def test_broken_notebook_file_is_a_load_error(tmp_path):
 def test_notebook_end_to_end(pytester):
     ex2 = nbdata.EX2.replace("dlogits /= n", "")
     nbdata.write(nbdata.lecture_notebook(ex2=ex2), pytester.path / "ninja.ipynb")
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=ninja.ipynb", "-q", "-k", "not properties and not ex4",
-                                           "--backprop-json=report.json")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=ninja.ipynb", "-q", "-k", "not properties and not ex4",
+                           "--backprop-json=report.json")
     assert result.parseoutcomes()["passed"] >= 27
     failed = [line for line in result.stdout.lines if line.startswith("FAILED backprop::ex")]
     assert len(failed) == 1 and failed[0].startswith("FAILED backprop::ex2::logits")

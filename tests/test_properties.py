@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, solution_with, write_script
+from conftest import REPO, run_inprocess, solution_with, write_script
 
 from pytest_backprop.properties.checks import (
     Search,
@@ -194,8 +194,8 @@ def test_failures_say_how_to_reproduce(tmp_path):
 def test_plugin_reports_hardcoded_shape_and_runs_the_broadcast_tier(pytester):
     write_script(pytester, solution_with("dlogprobs[range(n), Yb] = -1.0 / n", "dlogprobs[range(n), Yb] = -1.0 / 32"))
     pytester.makeini("[pytest]\nbackprop_broadcast = true\n")
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=student.py", "--backprop-examples=3",
-                                           "--backprop-json=report.json", "-p", "no:cacheprovider", "-k", "properties")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=student.py", "--backprop-examples=3",
+                           "--backprop-json=report.json", "-p", "no:cacheprovider", "-k", "properties")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*backprop::properties::ex1*", "*passes at n=32, fails at n=2: 32 is written into your "
                                  "code: `dlogprobs[[]range(n), Yb[]] = -1.0 / 32` (student.py:8)*"])

@@ -15,6 +15,7 @@ from pytest_backprop.checks.independent import grade_exercise
 from pytest_backprop.problems.instance import build_problem, resolve_words
 from pytest_backprop.usercode.loaders import load_implementation
 from pytest_backprop.usercode.notebook import NotebookImplementation
+from conftest import run_inprocess
 
 _spec = importlib.util.spec_from_file_location("backprop_test_layouts", Path(__file__).parent / "data" / "layouts.py")
 layouts = importlib.util.module_from_spec(_spec)
@@ -232,8 +233,8 @@ def test_syntax_error_shows_the_code(tmp_path, problem):
 
 def test_every_exercise_has_a_row_in_the_table_and_the_json(pytester):
     base.write(layouts.frame("x = 1"), pytester.path / "empty.ipynb")
-    result = pytester.runpytest_subprocess("--backprop", "--backprop-impl=empty.ipynb", "--backprop-examples=0",
-                                           "--backprop-steps=0", "--backprop-json=report.json")
+    result = run_inprocess(pytester, "--backprop", "--backprop-impl=empty.ipynb", "--backprop-examples=0",
+                           "--backprop-steps=0", "--backprop-json=report.json")
     out = result.stdout.str()
     assert "LookupError" not in out and "your code raised" not in out
     for ex in ("ex1", "ex2", "ex3"):

@@ -30,7 +30,7 @@ from .base import (
     namespace_for,
 )
 from .program import Plan, Program, UnitSource, collect, with_truths
-from .run import UserError, call_user
+from .run import RUNS, UserError, call_user
 from .watch import forward_watch, rebinding_warnings
 
 _counter = itertools.count()
@@ -131,6 +131,7 @@ class ModuleImplementation(Implementation):
         hook = None
         if program is not None:
             fn, hook = program.function(vars(self.module), with_truths(plan, program, problem.grads), self._locate)
+        RUNS["backward"] += 1
         result, exc = call_user(lambda: fn(handed_out), timeout)
         if exc is None and not isinstance(result, Mapping):
             return RunResult({}, UserError("TypeError", f"backward(cache) returned {type(result).__name__}; "
@@ -153,6 +154,7 @@ class ModuleImplementation(Implementation):
         available.update(problem.globals())
         available.update({"d" + k: problem.grads[k].detach().clone() for k in EXERCISE_UPSTREAM[exercise]})
         fn = getattr(self.module, EXERCISE_FUNCTIONS[exercise])
+        RUNS["backward"] += 1
         result, exc = call_user(lambda: inject(fn, available), timeout)
         run = RunResult({target: result} if exc is None else {}, self._locate(exc) if exc else None,
                         forward_watch(handed_out, handed_out, problem.truth.values))

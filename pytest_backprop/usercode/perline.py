@@ -45,7 +45,7 @@ from reference_model.model import LINE_OF, LINES, Line
 
 from .autograd_use import trace_autograd
 from .base import Implementation, RunResult, SourceSpan, inject
-from .run import UserError, call_user, describe_type, locate
+from .run import RUNS, UserError, call_user, describe_type, locate
 
 PREFIX = "backward_"
 #: The exercise name of per-line checks (items ``backprop::lines::<output>``).
@@ -156,6 +156,7 @@ def answer_line(fn: Callable[..., Any] | None, line: Line, values: Mapping[str, 
     """
     if fn is None:
         return None, None
+    RUNS["line"] += 1
     answers, exc = call_user(lambda: call_line(fn, line, values, upstream), timeout)
     if exc is None:
         return answers, None

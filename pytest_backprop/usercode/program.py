@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import ast
+import functools
 import copy
 import sys
 import textwrap
@@ -42,7 +43,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..verdict import Diagnosis, Location
 from .base import GradientError, RunResult, SourceSpan
-from .run import UserCodeTimeout, UserError, call_user
+from .run import RUNS, UserCodeTimeout, UserError, call_user
 
 HOOK = "__backprop_hook__"
 #: Methods whose call only drives autograd (skipped: the kit's tensors have no graph).
@@ -417,6 +418,7 @@ class Program:
             locate: Callable[[BaseException], UserError]) -> Outcome:
         """Run the top-level units in ``namespace`` under ``plan``; function units are only defined
         (see :meth:`function`). Returns what ran and what failed."""
+        RUNS["program"] += 1
         hook = Hook(self, plan, namespace, locate)
         namespace[HOOK] = hook
         for tensor, value in plan.inject.items():
@@ -607,8 +609,13 @@ def _stopper(program: Program, outcome: Outcome, statement: Statement) -> Failur
 
 def _modifies(statement: Statement, variables: list[str]) -> bool:
     """Whether the statement changes an existing value (``dC[ix] += ...``, ``dx.add_(...)``) rather than binding it."""
+    return _source_modifies(statement.source, frozenset(variables))
+
+
+@functools.lru_cache(maxsize=4096)  # asked for every gradient of every run: parse each statement once
+def _source_modifies(source: str, variables: frozenset[str]) -> bool:
     try:
-        tree = ast.parse(statement.source)
+        tree = ast.parse(source)
     except SyntaxError:
         return True
     for node in ast.walk(tree):

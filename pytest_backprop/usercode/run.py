@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -167,6 +168,11 @@ def guard_exit() -> Iterator[None]:
         yield
     finally:
         os._exit = real_exit
+
+
+#: How many times user code was run in this process, by kind ("program", "backward", "line"):
+#: read by ``benchmarks/startup.py`` to show that the checks run it only as often as they need.
+RUNS: Counter[str] = Counter()
 
 
 def call_user(fn: Callable[[], Any], seconds: float | None) -> tuple[Any, BaseException | None]:
