@@ -378,7 +378,8 @@ def check_notebook(sources: list[str], argv: list[str] | None = None, *, progres
         if not report_path.is_file():
             raise MagicUsageError(f"pytest --backprop did not run (exit code {int(code)}): "
                                   + (errors.getvalue().strip() or "no report"))
-        data = json.loads(report_path.read_text())
+        # the temporary file is "this notebook", as in %%backprop's messages
+        data = json.loads(report_path.read_text().replace(str(notebook), "this notebook"))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
@@ -423,7 +424,11 @@ def _magics_class() -> type:
                 if args.help:
                     print(cell_parser().format_help())
                     return None
-                result = self.shell.run_cell(cell, store_history=False)
+                outer = getattr(self.shell.displayhook, "exec_result", None)
+                try:
+                    result = self.shell.run_cell(cell, store_history=False)
+                finally:  # the nested run resets it: without this, this cell's result (the report) is lost
+                    self.shell.displayhook.exec_result = outer
                 raised = None if result.error_in_exec is None else (
                     f"{type(result.error_in_exec).__name__}: {result.error_in_exec}")
                 return check_cell(history_sources(self.shell), args.exercise, names=_words_path(args.names),
