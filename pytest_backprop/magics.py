@@ -63,13 +63,19 @@ class _Parser(argparse.ArgumentParser):
         raise MagicUsageError(f"{self.prog}: {message}\n{self.format_usage()}")
 
 
+#: Where a magic's meaning differs from the command line's.
+_HELP = {"names": "names file in the lecture's format (default: names.txt in the working directory if present, "
+                  "else the embedded census names)"}
+
+
 def _add_kit_options(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
     for name in names:
         opt = options.BY_NAME[name]
+        help_text = _HELP.get(name, opt.help)
         if opt.kind == "bool":
-            parser.add_argument(f"--{name}", action="store_true", default=None, help=opt.help)
+            parser.add_argument(f"--{name}", action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(f"--{name}", metavar=opt.metavar or opt.name.upper(), default=None, help=opt.help,
+            parser.add_argument(f"--{name}", metavar=opt.metavar or opt.name.upper(), default=None, help=help_text,
                                 choices=opt.choices or None)
 
 

@@ -403,8 +403,10 @@ def _train_with_impl(args: argparse.Namespace, words, dataset) -> int:
     for line in loss_summary({"yours": yours.losses, "autograd": auto.losses}):
         print("  " + line)
     split = first_separation(yours.losses, auto.losses, args.separation)
+    gap = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(yours.losses, auto.losses)), default=0.0)
     if split is None:
-        print(f"the curves never separate: every step's loss is within {args.separation:g} (relative) of autograd's")
+        print(f"the curves never separate: every step's loss is within {args.separation:g} (relative) of autograd's "
+              f"(largest difference {gap:.1e})")
     else:
         print(f"the curves separate at step {split}: loss {yours.losses[split]:.4f} (yours) vs "
               f"{auto.losses[split]:.4f} (autograd), more than {args.separation:g} relative")

@@ -278,3 +278,15 @@ def test_importing_the_package_and_the_extension_stays_torch_free():
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_magic_and_train_option_is_documented():
+    from pytest_backprop.magics import cell_parser, line_parser
+    from reference_model.train import _parser
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "notebooks-magic.md").read_text()
+    for parser in (line_parser(), cell_parser(), _parser()):
+        flags = [f for action in parser._actions for f in action.option_strings if f.startswith("--")]
+        missing = [f for f in flags if f"`{f}" not in page and f"{f} " not in page]
+        assert not missing, f"{parser.prog}: not in docs/notebooks-magic.md: {missing}"
+    assert "`ex1`, `ex2`, `ex3`" in page
