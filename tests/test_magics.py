@@ -166,6 +166,14 @@ def test_names_txt_of_the_working_directory(tmp_path, monkeypatch):
     assert _words_path(None) == str(tmp_path / "names.txt")
 
 
+def test_a_backprop_exN_line_is_a_tag_for_the_notebook_loader():
+    from pytest_backprop.usercode.notebook import NotebookImplementation
+
+    impl = NotebookImplementation.from_cells(["x = 1", "%%backprop ex3\n" + nbdata.EX3, "%%backprop\n" + nbdata.EX3])
+    assert impl.cells_of("ex3") == [2]  # the tag wins over the detection (cell 3 is not tagged)
+    assert "backprop:ex3" in impl.cells[1].tags and not impl.cells[2].tags
+
+
 def test_check_cell_without_a_shell():
     report = check_cell(["x = 1", "%%backprop\n" + WRONG_EX2])
     assert [(v.key, v.diagnosis.code) for v in report.verdicts] == [("ex2::logits", "scale")]
@@ -240,14 +248,18 @@ def test_in_a_real_jupyter_kernel(tmp_path, monkeypatch, pytester):
     from nbformat.v4 import new_code_cell, new_notebook
 
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # the kernel's history stays here
+    spec = tmp_path / "jupyter" / "kernels" / "backprop-test"  # this interpreter, whatever else is installed
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                           "{connection_file}"], "display_name": "test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                       os.environ.get("PYTHONPATH", "")]))
     raising = "%%backprop ex3\ndhprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0)) * undefined_factor"
     cells = ["%load_ext pytest_backprop", SETUP, "%%backprop\n" + WRONG_DPROBS, "%%backprop ex2\n" + nbdata.EX2,
              "%%backprop ex3\n" + nbdata.EX3, raising, "%backprop --examples 0 --steps 2 --quiet --json magic.json"]
     nb = new_notebook(cells=[new_code_cell(c) for c in cells])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="backprop-test", allow_errors=True,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     nbformat.write(nb, str(tmp_path / "executed.ipynb"))
