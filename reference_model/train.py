@@ -156,6 +156,8 @@ def user_step(implementation, words=None, timeout: float | None = None) -> Calla
     """
     from pytest_backprop.problems.instance import problem_from_batch
 
+    done = [0]  # steps taken, for the messages
+
     def step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, lr: float) -> torch.Tensor:
         config = Config(vocab_size=params["C"].shape[0], n_embd=params["C"].shape[1], n_hidden=params["W1"].shape[1],
                         batch_size=int(Xb.shape[0]), block_size=int(Xb.shape[1]))
@@ -163,15 +165,21 @@ def user_step(implementation, words=None, timeout: float | None = None) -> Calla
             problem = problem_from_batch(config, params, Xb, Yb, words=words)
             run = implementation.run("ex1", problem, timeout)
         missing = [name for name in PARAMETER_ORDER if name not in run.grads]
+        at = f"at step {done[0]}"
         if run.error is not None and missing:
-            raise BackwardFailed(f"your backward raised: {run.error.describe()}")
+            raise BackwardFailed(f"{at}, your backward raised: {run.error.describe()}")
         if missing:
-            raise BackwardFailed("training needs every parameter gradient; missing: " + ", ".join("d" + m for m in missing))
+            raise BackwardFailed(f"{at}: training needs every parameter gradient; missing: "
+                                 + ", ".join("d" + m for m in missing))
+        grads = {}
         for name in PARAMETER_ORDER:
-            grad = torch.as_tensor(run.grads[name]).detach().to(params[name].dtype)
-            if grad.numel() != params[name].numel():
-                raise BackwardFailed(f"d{name} has shape {tuple(grad.shape)}, {name} has {tuple(params[name].shape)}")
-            params[name].add_(grad.reshape(params[name].shape), alpha=-lr)
+            grads[name] = torch.as_tensor(run.grads[name]).detach().to(params[name].dtype)
+            if grads[name].numel() != params[name].numel():
+                raise BackwardFailed(f"{at}: d{name} has shape {tuple(grads[name].shape)}, {name} has "
+                                     f"{tuple(params[name].shape)}")
+        for name in PARAMETER_ORDER:
+            params[name].add_(grads[name].reshape(params[name].shape), alpha=-lr)
+        done[0] += 1
         return torch.tensor(problem.loss)
 
     return step

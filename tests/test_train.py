@@ -229,7 +229,7 @@ def test_cli_impl_incomplete_or_missing(tmp_path, capsys):
     partial = tmp_path / "partial.py"
     partial.write_text("dlogprobs = torch.zeros_like(logprobs)\n")
     assert T.main(["--impl", str(partial), "--steps", "3", "--n-hidden", "16", "--no-progress"]) == 1
-    assert "your backward cannot train: training needs every parameter gradient; missing: dC" in capsys.readouterr().out
+    assert "your backward cannot train: at step 0: training needs every parameter gradient; missing: dC" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--impl"):
         T.main(["--impl", str(tmp_path / "nope.py"), "--steps", "3"])
 
