@@ -3,6 +3,8 @@
 The public helpers are imported lazily, so that loading the plugin never imports torch::
 
     from pytest_backprop import assert_grad_matches, cmp, check_backward
+
+In a notebook, ``%load_ext pytest_backprop`` registers the ``%backprop`` and ``%%backprop`` magics.
 """
 
 from __future__ import annotations
@@ -27,7 +29,21 @@ _LAZY = {
     "sgd_check": "pytest_backprop.checks.exercise4",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted(_LAZY) + ["__version__", "load_ipython_extension"]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext pytest_backprop`` in IPython, Jupyter or Colab: registers the ``%backprop`` line magic
+    (check everything answered so far) and the ``%%backprop`` cell magic (run the cell, check its
+    gradients). See docs/notebooks-magic.md.
+
+    Example::
+
+        %load_ext pytest_backprop
+    """
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
 
 
 def __getattr__(name: str) -> Any:

@@ -9,6 +9,7 @@ Run it::
 
     python -m reference_model.train --names names.txt            # or: backprop-train --names names.txt
     backprop-train --names names.txt --backward both --plot losses.png --steps 20000
+    backprop-train --impl my_backward.py --steps 2000      # YOUR backward beside autograd's
 
 Why it is fast (about 0.2 ms a step on one core; see docs/performance.md): the manual step is
 :func:`manual_step` -- a forward that does each BatchNorm statistic with plain sums (``Tensor.var``
@@ -136,6 +137,54 @@ def autograd_step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.T
 STEPS: dict[str, Callable[..., torch.Tensor]] = {"manual": manual_step, "autograd": autograd_step}
 
 
+class BackwardFailed(RuntimeError):
+    """Your backward could not drive a step: it raised, or left a parameter gradient out."""
+
+
+def user_step(implementation, words=None, timeout: float | None = None) -> Callable[..., torch.Tensor]:
+    """One SGD step with *your* backward: an implementation loaded by the kit's loaders (a script, a module,
+    per-line functions or a notebook; :func:`pytest_backprop.load_implementation`) runs on the lecture's
+    forward at the current parameters and batch, and its 7 parameter gradients update them in place.
+
+    Raises :class:`BackwardFailed` when the code raises or a parameter gradient is missing or of the wrong size.
+
+    Example::
+
+        from pytest_backprop import load_implementation
+        step = user_step(load_implementation("backward.py", Path(".")))
+        train(dataset, steps=1000, step=step, backward="yours")
+    """
+    from pytest_backprop.problems.instance import problem_from_batch
+
+    done = [0]  # steps taken, for the messages
+
+    def step(params: dict[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, lr: float) -> torch.Tensor:
+        config = Config(vocab_size=params["C"].shape[0], n_embd=params["C"].shape[1], n_hidden=params["W1"].shape[1],
+                        batch_size=int(Xb.shape[0]), block_size=int(Xb.shape[1]))
+        with torch.enable_grad():
+            problem = problem_from_batch(config, params, Xb, Yb, words=words)
+            run = implementation.run("ex1", problem, timeout)
+        missing = [name for name in PARAMETER_ORDER if name not in run.grads]
+        at = f"at step {done[0]}"
+        if run.error is not None and missing:
+            raise BackwardFailed(f"{at}, your backward raised: {run.error.describe()}")
+        if missing:
+            raise BackwardFailed(f"{at}: training needs every parameter gradient; missing: "
+                                 + ", ".join("d" + m for m in missing))
+        grads = {}
+        for name in PARAMETER_ORDER:
+            grads[name] = torch.as_tensor(run.grads[name]).detach().to(params[name].dtype)
+            if grads[name].numel() != params[name].numel():
+                raise BackwardFailed(f"{at}: d{name} has shape {tuple(grads[name].shape)}, {name} has "
+                                     f"{tuple(params[name].shape)}")
+        for name in PARAMETER_ORDER:
+            params[name].add_(grads[name].reshape(params[name].shape), alpha=-lr)
+        done[0] += 1
+        return torch.tensor(problem.loss)
+
+    return step
+
+
 @dataclass
 class TrainResult:
     """What one training run produced: parameters, BatchNorm statistics, losses, samples."""
@@ -211,19 +260,21 @@ def sample(params: Mapping[str, torch.Tensor], bnmean: torch.Tensor, bnvar: torc
 
 def train(dataset: Dataset, *, steps: int = LECTURE_STEPS, backward: str = "manual", seed: int = LECTURE_SEED,
           n_hidden: int = 200, batch_size: int = 32, lr: Callable[[int], float] = lecture_lr,
-          threads: int | None = 1, progress: bool = False, samples: int = 20) -> TrainResult:
+          threads: int | None = 1, progress: bool = False, samples: int = 20,
+          step: Callable[..., torch.Tensor] | None = None) -> TrainResult:
     """Exercise 4: train from the lecture's initialisation with the chosen backward.
 
     Parameters, then one batch per step, come from ``torch.Generator().manual_seed(seed)`` as in
     the lecture (batches are drawn 1,000 steps at a time: the same numbers). ``backward`` is
-    ``"manual"`` (:func:`manual_step`) or ``"autograd"`` (:func:`autograd_step`).
+    ``"manual"`` (:func:`manual_step`) or ``"autograd"`` (:func:`autograd_step`); or give your own
+    ``step`` (e.g. :func:`user_step`), then ``backward`` is only its label.
 
     Example::
 
         result = train(build_splits(load_words("names.txt")), steps=200_000)
         result.split_losses   # {'train': 2.07..., 'val': 2.11...}
     """
-    if backward not in STEPS:
+    if step is None and backward not in STEPS:
         raise ValueError(f"backward must be one of {', '.join(STEPS)}, not {backward!r}")
     config = Config(vocab_size=dataset.vocab_size, n_hidden=n_hidden, batch_size=batch_size, seed=seed)
     params = init_params(config)
@@ -231,7 +282,7 @@ def train(dataset: Dataset, *, steps: int = LECTURE_STEPS, backward: str = "manu
     if backward == "autograd":
         for p in params.values():
             p.requires_grad_(True)
-    step_fn = STEPS[backward]
+    step_fn = step or STEPS[backward]
     Xtr, Ytr = dataset.Xtr, dataset.Ytr
     losses: list[float] = []
     bar = _progress_bar(steps, backward) if progress else None
@@ -284,7 +335,105 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: faster than more for matrices this small; 0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--impl", metavar="PATH_OR_MODULE",
+                   help="train with YOUR backward (a script, module, per-line module or notebook, loaded as "
+                        "pytest --backprop-impl loads it) beside autograd's, from the same start")
+    p.add_argument("--separation", type=float, default=SEPARATION, metavar="REL",
+                   help=f"with --impl: the curves separate at the first step where the minibatch losses differ by "
+                        f"more than REL times autograd's loss (default {SEPARATION:g})")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="with --impl: seconds one run of your backward may take (default 60)")
     return p
+
+
+#: The lecture's final losses (200,000 steps, names.txt): what a correct backward reaches.
+LECTURE_LOSSES = {"train": 2.0705, "val": 2.1099}
+#: Default relative difference of the minibatch losses that counts as the curves separating: float32
+#: rounding alone keeps a correct backward's loss within about 1e-5 of autograd's for thousands of steps.
+SEPARATION = 1e-3
+
+
+def first_separation(yours: Sequence[float], autograd: Sequence[float], rel: float = SEPARATION) -> int | None:
+    """The first step whose minibatch losses differ by more than ``rel`` times autograd's (None: never).
+
+    Example::
+
+        first_separation([3.3, 3.1, 2.9], [3.3, 3.1, 2.8])   # 2
+    """
+    for step, (a, b) in enumerate(zip(yours, autograd)):
+        if not abs(a - b) <= rel * max(abs(b), 1e-12):  # NaN separates too
+            return step
+    return None
+
+
+def loss_summary(curves: Mapping[str, Sequence[float]], points: int = 8) -> list[str]:
+    """A text loss curve: the minibatch loss (mean over a window) of each run at ``points`` steps.
+
+    Example::
+
+        loss_summary({"yours": losses_a, "autograd": losses_b})   # ['   step  yours  autograd', ...]
+    """
+    names = list(curves)
+    steps = min(len(c) for c in curves.values())
+    if steps == 0:
+        return []
+    marks = sorted({0, steps - 1, *(round(i * (steps - 1) / (points - 1)) for i in range(points))})
+    window = max(1, steps // (4 * points))
+    lines = [f"{'step':>8s} " + " ".join(f"{n:>10s}" for n in names)]
+    for m in marks:
+        lo = max(0, m - window + 1)
+        lines.append(f"{m:>8d} " + " ".join(f"{sum(curves[n][lo:m + 1]) / (m + 1 - lo):>10.4f}" for n in names))
+    return lines
+
+
+def _train_with_impl(args: argparse.Namespace, words, dataset) -> int:
+    """``--impl``: your backward beside autograd's, the curves, where they separate, the final losses."""
+    from pytest_backprop.usercode.base import LoadError
+    from pytest_backprop.usercode.loaders import load_implementation
+
+    try:
+        implementation = load_implementation(args.impl, Path.cwd())
+    except LoadError as exc:
+        raise SystemExit(f"backprop-train: --impl: {exc}") from None
+    print(f"your backward: {implementation.description}")
+    results = {}
+    try:
+        results["yours"] = train(dataset, steps=args.steps, backward="yours", seed=args.seed, n_hidden=args.n_hidden,
+                                 threads=args.threads or None, progress=not args.no_progress,
+                                 step=user_step(implementation, words, args.timeout))
+    except BackwardFailed as exc:
+        print(f"your backward cannot train: {exc}")
+        return 1
+    results["autograd"] = train(dataset, steps=args.steps, backward="autograd", seed=args.seed, n_hidden=args.n_hidden,
+                                threads=args.threads or None, progress=not args.no_progress, samples=0)
+    yours, auto = results["yours"], results["autograd"]
+    print("minibatch loss (mean over a short window):")
+    for line in loss_summary({"yours": yours.losses, "autograd": auto.losses}):
+        print("  " + line)
+    split = first_separation(yours.losses, auto.losses, args.separation)
+    gap = max((abs(a - b) / max(abs(b), 1e-12) for a, b in zip(yours.losses, auto.losses)), default=0.0)
+    if split is None:
+        print(f"the curves never separate: every step's loss is within {args.separation:g} (relative) of autograd's "
+              f"(largest difference {gap:.1e})")
+    else:
+        print(f"the curves separate at step {split}: loss {yours.losses[split]:.4f} (yours) vs "
+              f"{auto.losses[split]:.4f} (autograd), more than {args.separation:g} relative")
+    for name in ("train", "val"):
+        print(f"final {name:5s} loss: yours {yours.split_losses[name]:.4f}  autograd {auto.split_losses[name]:.4f}  "
+              f"lecture {LECTURE_LOSSES[name]:.4f}")
+    if args.steps != LECTURE_STEPS or Path(str(words.source)).name != "names.txt":
+        print(f"(the lecture's losses are for names.txt and {LECTURE_STEPS} steps; compare yours with autograd's here)")
+    print(f"({yours.seconds:.1f} s for your backward: the kit runs it on a fresh problem every step)")
+    print("samples (yours):")
+    for name in yours.samples:
+        print("  " + name)
+    if args.plot:
+        from pytest_backprop.report.plots import loss_curves
+
+        path = loss_curves({"your backward": yours.losses, "autograd": auto.losses}, args.plot,
+                           title=f"Exercise 4: {args.steps} SGD steps")
+        print(f"loss curves written to {path}")
+    return 0
 
 
 def _words(names: str | None):
@@ -309,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dataset = build_splits(words)
     print(f"data: {words.source} ({len(words)} words), train {tuple(dataset.Xtr.shape)}, "
           f"dev {tuple(dataset.Xdev.shape)}; n_hidden {args.n_hidden}, {args.steps} steps of batch 32, seed {args.seed}")
+    if args.impl:
+        return _train_with_impl(args, words, dataset)
     kinds = BACKWARDS if args.backward == "both" else (args.backward,)
     results = {}
     for kind in kinds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,64 @@ def test_progress_bar_shows_the_running_loss(dataset, capsys):
     T.train(dataset, steps=1500, n_hidden=16, progress=True, samples=0)
     err = capsys.readouterr().err
     assert "manual backward" in err and "loss=" in err and "1.50k" in err
+
+
+# --- backprop-train --impl: your backward beside autograd's ------------------------------------------
+
+def test_first_separation_and_loss_summary():
+    assert T.first_separation([3.3, 3.1, 2.9], [3.3, 3.1, 2.8]) == 2
+    assert T.first_separation([3.3, 3.1], [3.3, 3.1 + 1e-6]) is None
+    assert T.first_separation([3.3, float("nan")], [3.3, 3.1]) == 1
+    lines = T.loss_summary({"yours": [3.0, 2.0, 1.0], "autograd": [3.0, 2.0, 1.5]}, points=3)
+    assert lines[0].split() == ["step", "yours", "autograd"]
+    assert lines[-1].split() == ["2", "1.0000", "1.5000"]
+
+
+def test_cli_impl_the_reference_backward_never_separates(ex1_solution, capsys):
+    assert T.main(["--impl", str(ex1_solution), "--steps", "20", "--n-hidden", "32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "your backward: script" in out
+    assert "the curves never separate" in out
+    assert "final train loss: yours" in out and "lecture 2.0705" in out and "lecture 2.1099" in out
+    assert "the lecture's losses are for names.txt and 200000 steps" in out
+    finals = [line.split() for line in out.splitlines() if line.startswith("final")]
+    assert all(abs(float(f[4]) - float(f[6])) < 1e-4 for f in finals)  # yours == autograd's
+
+
+def test_cli_impl_a_buggy_backward_separates_early(capsys):
+    from conftest import EXAMPLES
+
+    assert T.main(["--impl", str(EXAMPLES / "ex1_buggy.py"), "--steps", "20", "--n-hidden", "32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    step = int(out.split("the curves separate at step ")[1].split(":")[0])
+    assert 1 <= step <= 3  # step 0 is the same start; the first wrong update shows at once
+
+
+def test_cli_impl_a_notebook_through_the_notebook_loader(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("backprop_nbdata_train", Path(__file__).parent / "data" / "notebooks.py")
+    nbdata = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nbdata)
+    path = nbdata.write(nbdata.lecture_notebook(), tmp_path / "ninja.ipynb")
+    assert T.main(["--impl", str(path), "--steps", "5", "--n-hidden", "16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "your backward: notebook" in out and "never separate" in out
+
+
+def test_cli_impl_incomplete_or_missing(tmp_path, capsys):
+    partial = tmp_path / "partial.py"
+    partial.write_text("dlogprobs = torch.zeros_like(logprobs)\n")
+    assert T.main(["--impl", str(partial), "--steps", "3", "--n-hidden", "16", "--no-progress"]) == 1
+    assert "your backward cannot train: at step 0: training needs every parameter gradient; missing: dC" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--impl"):
+        T.main(["--impl", str(tmp_path / "nope.py"), "--steps", "3"])
+
+
+def test_reference_model_imports_the_kit_only_inside_functions():
+    import ast
+
+    for path in (Path(T.__file__).parent).glob("*.py"):
+        top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [n.module or "" for n in top if isinstance(n, ast.ImportFrom)] + [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in names if m.startswith("pytest_backprop")], path.name

@@ -178,6 +178,24 @@ class Cell:
         return TAG_PREFIX + exercise in self.tags
 
 
+_BACKPROP_MAGIC = re.compile(r"^\s*%%backprop\b(.*)$")
+
+
+def magic_tags(raw: str) -> frozenset[str]:
+    """The tags a ``%%backprop ex2`` first line stands for (the magic's exercise, as a ``backprop:ex2``
+    tag would), so that the saved notebook is checked as the magic checked it.
+
+    Example::
+
+        magic_tags("%%backprop ex3\ndhprebn = ...")   # frozenset({'backprop:ex3'})
+    """
+    first = next((ln for ln in raw.splitlines() if ln.strip()), "")
+    match = _BACKPROP_MAGIC.match(first)
+    if match is None:
+        return frozenset()
+    return frozenset(TAG_PREFIX + w for w in match.group(1).split() if w in EXERCISES)
+
+
 def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
     """Parse one code cell and record what it binds, reads and passes to ``cmp``.
 
@@ -185,7 +203,7 @@ def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
 
         parse_cell(3, "dh = dlogits @ W2.T\\ndW2 = h.T @ dlogits", frozenset()).stores   # {'dh', 'dW2'}
     """
-    cell = Cell(index, strip_magics(raw), tags)
+    cell = Cell(index, strip_magics(raw), tags | magic_tags(raw))
     try:
         cell.tree = ast.parse(cell.source)
     except (SyntaxError, ValueError) as exc:
@@ -481,6 +499,12 @@ class NotebookImplementation(Implementation):
     @property
     def by_exercise(self) -> dict[str, list[Cell]]:
         return self.detection.cells
+
+    def gradients_of(self, index: int) -> set[str]:
+        """The tensors whose gradients cell ``index`` writes (renamed answers included), e.g. ``{'probs'}``."""
+        names = {"d" + t: t for t in GRADIENT_ORDER} | self._renamed
+        cell = next((c for c in self.cells if c.index == index), None)
+        return set() if cell is None else {names[v] for v in cell.stores if v in names}
 
     def cells_of(self, exercise: str) -> list[int]:
         """The notebook positions (1-based) of the cells that run for ``exercise`` (support cells included)."""
