@@ -89,7 +89,7 @@ def all_blocks() -> list[Block]:
 
 # --- the build ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist interleaves modules, a module fixture would be rebuilt
 def built(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """CI's command, ``python -m sphinx -W -b html docs docs/_build/html``, into a temporary folder."""
     if os.environ.get("CI"):  # CI installs the docs extra: the build must run there, never skip silently
@@ -103,6 +103,7 @@ def built(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     return result, out
 
 
+@pytest.mark.xdist_group("sphinx")  # one worker builds the docs once
 def test_sphinx_build_has_no_warnings(built):
     result, out = built
     assert result.returncode == 0, result.stderr[-4000:]
@@ -207,6 +208,7 @@ def test_every_public_name_is_documented():
         assert f"@pytest.mark.{marker}" in reference
 
 
+@pytest.mark.xdist_group("sphinx")
 def test_generated_reference_lists_every_export(built):
     """The built reference shows every exported name and every setting (the directives work)."""
     import html

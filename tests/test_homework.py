@@ -48,12 +48,12 @@ def copy_homework(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist interleaves modules, a module fixture would be rebuilt
 def upload(tmp_path_factory) -> Path:
     return build(HOMEWORK, tmp_path_factory.mktemp("upload") / "autograder.zip")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def strict_upload(tmp_path_factory) -> Path:
     course = copy_homework(tmp_path_factory.mktemp("strict") / "homework")
     config = course / "pyproject.toml"
@@ -80,7 +80,7 @@ def summary(data: dict) -> tuple[float, float, dict[str, float]]:
     return data["score"], data["extra_data"]["max_score"], {t["name"]: t["score"] for t in data["tests"]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def graded(upload, strict_upload, tmp_path_factory) -> dict[str, dict]:
     """The reference submissions, graded once: what the docs' table shows."""
     from data.notebooks import lecture_notebook, write
