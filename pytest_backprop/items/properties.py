@@ -93,7 +93,7 @@ class PropertyItem(pytest.Item):
             return True
 
     def verdict(self) -> Any:
-        from reference_model.model import LINE_OF
+        from ..problems.lecture import LINE_OF
 
         from ..judge.lines import check_line
         from ..properties import checks as P
@@ -219,7 +219,7 @@ class PropertyCollector(pytest.Collector):
                                        for ex in ("ex1", "ex2", "ex3") if ex in offered]
         functions = line_functions_of(impl)
         if functions:
-            from reference_model.model import LINES
+            from ..problems.lecture import LINES
 
             outputs = tuple(line.output for line in reversed(LINES) if line.output in functions)
             children.append(LinesCollector.from_parent(self, name="lines", outputs=outputs))

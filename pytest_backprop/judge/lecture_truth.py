@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 import torch
 
-from reference_model.model import GRADIENT_ORDER, PARAMETERS, Config
+from reference_model.model import Config
+from ..problems.lecture import GRADIENT_ORDER, PARAMETERS
 
 from ..problems.instance import Problem, problem_from_batch
 from .compare import compare

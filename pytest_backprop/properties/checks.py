@@ -39,15 +39,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
 
-from reference_model.model import (
-    LINE_OF,
-    LINES,
-    Config,
-    Line,
-    Truth,
-    forward_expanded,
-    run_line,
-)
+from reference_model.model import Config
+from ..problems.lecture import LINE_OF, LINES, Line, Truth, forward_expanded, run_line
 
 from ..judge.compare import compare
 from ..judge.grade import first_wrong, verdicts_for_run

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reference_model.model import CONSTANTS, GRADIENT_ORDER, PARAMETERS
+from ..problems.lecture import CONSTANTS, GRADIENT_ORDER, PARAMETERS
 
 from ..problems.instance import Problem
 from .autograd_use import trace_autograd
