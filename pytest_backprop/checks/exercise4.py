@@ -283,7 +283,7 @@ def wanted(kit: Any) -> bool:
 
         wanted(kit)   # True for a script that writes dlogprobs ... dC; False for a module with only Exercise 2
     """
-    return kit.option("steps") > 0 and "ex1" in kit.exercises()
+    return getattr(kit, "lecture", True) and kit.option("steps") > 0 and "ex1" in kit.exercises()
 
 
 def session_steps(kit: Any) -> int:
