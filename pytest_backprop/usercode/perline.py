@@ -80,13 +80,14 @@ def _fresh(value: Any) -> Any:
 
 
 def injectable(line: Line, values: Mapping[str, Any], upstream: Any) -> dict[str, Any]:
-    """What a per-line function may ask for: fresh copies of the inputs, output and constants, and ``d<output>``.
+    """What a per-line function may ask for: fresh copies of the inputs, output and constants (those the
+    line reads, and the lecture's n, Xb, Yb), and ``d<output>``.
 
     Example::
 
         injectable(LINE_OF["h"], values, dh).keys()   # hpreact, h, n, Xb, Yb, dh
     """
-    names = (*line.inputs, line.output, "n", "Xb", "Yb")
+    names = (*line.inputs, line.output, *line.constants, "n", "Xb", "Yb")
     available = {k: _fresh(values[k]) for k in names if k in values}
     if "n" not in available and "Xb" in values:
         available["n"] = int(values["Xb"].shape[0])
