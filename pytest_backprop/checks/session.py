@@ -64,8 +64,11 @@ class Settings:
 
         if not self.problem:
             return LECTURE
+        target = self.problem
+        if (target.endswith(".py") or "/" in target) and (Path.cwd() / target).is_file():
+            target = str((Path.cwd() / target).resolve())  # like --backprop-impl: the working directory first
         try:
-            return load_spec(self.problem, rootdir=self.rootdir)
+            return load_spec(target, rootdir=self.rootdir)
         except ProblemError as exc:
             raise pytest.UsageError(f"--backprop-problem={self.problem}: {exc}") from None
 

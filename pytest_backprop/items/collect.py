@@ -25,6 +25,10 @@ class BackpropCollector(pytest.Collector):
             from .properties import PropertyCollector
 
             children.append(PropertyCollector.from_parent(self, name="properties"))
+        elif state.option("examples") > 0:  # another problem: the properties derived from its spec (issue 16)
+            from .problem_properties import ProblemPropertyCollector
+
+            children.append(ProblemPropertyCollector.from_parent(self, name="properties"))
         return children
 
 

@@ -165,8 +165,9 @@ class PropertyItem(pytest.Item):
         return self.path, None, self.nodeid
 
 
-def line_functions_of(impl: Any) -> dict[str, Any]:
-    """The ``backward_<output>`` functions an implementation offers (per-line modules, or modules with both)."""
+def line_functions_of(impl: Any, spec: Any = None) -> dict[str, Any]:
+    """The ``backward_<output>`` functions an implementation offers (per-line modules, or modules with
+    both), for the lines of ``spec`` (the lecture's by default)."""
     functions = getattr(impl, "functions", None)
     if isinstance(functions, dict):
         return dict(functions)
@@ -175,7 +176,7 @@ def line_functions_of(impl: Any) -> dict[str, Any]:
         return {}
     from ..usercode.perline import line_functions
 
-    return line_functions(module)
+    return line_functions(module) if spec is None else line_functions(module, spec)
 
 
 class LinesCollector(pytest.Collector):
