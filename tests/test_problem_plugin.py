@@ -57,7 +57,7 @@ def test_correct_backward_every_gradient_an_item_in_order_from_the_ini(pytester)
 
 def test_buggy_backward_fails_on_its_mistakes_and_the_rest_is_inherited(pytester):
     result = run(pytester, str(FOLDER / "two_layer_relu_buggy.py"), f"--backprop-problem={PROBLEM}",
-                 "--backprop-examples=0", "--backprop-json=out.json")
+                 "--backprop-examples=0", "--backprop-json=out.json", "--backprop-gradescope=results.json")
     result.assert_outcomes(passed=8, failed=5)
     found = checks(pytester.path / "out.json")
     codes = {t: found[("ex1", t)]["diagnosis"]["code"] for t in ORDER if found[("ex1", t)]["status"] == "fail"}
@@ -67,6 +67,10 @@ def test_buggy_backward_fails_on_its_mistakes_and_the_rest_is_inherited(pytester
     assert found[("ex1", "z1")]["location"]["source"].startswith("dz1 = da1")
     result.stdout.fnmatch_lines(["*first wrong gradient: db2 (ex1) [[]keepdim[]]*",
                                  "*also wrong on its own: dz1 (ex1) [[]mismatch[]]*"])
+    graded = json.loads((pytester.path / "results.json").read_text())
+    scores = {t["name"]: t["score"] for t in graded["tests"]}
+    assert set(scores) == {f"ex1::{t}" for t in ORDER}  # the problem's rows only: no ex2, ex3, ex4
+    assert graded["score"] == len(ORDER) - 2 == sum(scores.values())  # inherited rows keep their points
 
 
 def test_per_line_module_lines_chain_and_derived_properties(pytester):
