@@ -79,14 +79,14 @@ def load_implementation(spec: str, rootdir: Path, problem_spec: "ProblemSpec | N
     if path.suffix == ".ipynb":
         from .notebook import NotebookImplementation  # noqa: PLC0415 -- optional form, loaded when used
 
-        return NotebookImplementation(path)
+        return NotebookImplementation(path, problem_spec)
     if defines_functions(path):
         return module_implementation(spec, path, problem_spec=problem_spec)
     script = ScriptImplementation(path, problem_spec or LECTURE)
     if any(line.startswith(("# %%", "#%%")) for line in script.source.splitlines()):
         from .notebook import NotebookImplementation  # noqa: PLC0415
 
-        return NotebookImplementation.from_script(path)  # cells: Exercises 2 and 3 found like a notebook's
+        return NotebookImplementation.from_script(path, problem_spec)  # cells: Exercises 2 and 3 found like a notebook's
     return script
 
 
@@ -164,11 +164,11 @@ def static_program(spec: str, rootdir: Path, exercise: str, problem_spec: "Probl
         if path is None:
             return None
         if path.suffix == ".ipynb":
-            notebook = NotebookImplementation(path)
+            notebook = NotebookImplementation(path, problem_spec)
             return notebook.program(exercise) if exercise in notebook.exercises() else None
         text = path.read_text()
         if any(line.startswith(("# %%", "#%%")) for line in text.splitlines()):
-            notebook = NotebookImplementation.from_script(path)
+            notebook = NotebookImplementation.from_script(path, problem_spec)
             return notebook.program(exercise) if exercise in notebook.exercises() else None
         if exercise != "ex1":
             return None
