@@ -110,3 +110,19 @@ def test_a_forward_the_kit_cannot_derive_from_is_a_usage_error_naming_its_line(p
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--backprop-problem=bad_problem.py: bad_problem.py:6: `y = x * 2; z = y + 1`: two statements on one line*"])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_notebook_cells_answer_another_problem():
+    """Notebook cells are found by the problem's gradient names (no pytest run: the loader and the grader)."""
+    from pytest_backprop.checks.independent import grade_exercise
+    from pytest_backprop.problems import load_spec, problem_from_spec
+    from pytest_backprop.usercode.notebook import NotebookImplementation
+
+    spec = load_spec(PROBLEM)
+    lines = (FOLDER / "two_layer_relu_buggy.py").read_text().splitlines()[3:]
+    cells = ["import torch\nprint(z1.shape)", "\n".join(lines[:9]), "scratch = dz2.abs().max()", "\n".join(lines[9:])]
+    impl = NotebookImplementation.from_cells(cells, problem_spec=spec)
+    assert impl.exercises() == ("ex1",) and impl.cells_of("ex1") == [2, 4]
+    verdicts = {v.tensor: v for v in grade_exercise(impl, "ex1", problem_from_spec(spec), timeout=10).verdicts}
+    assert [t for t in ORDER if verdicts[t].status == "fail"] == ["b2", "z1", "x", "W1", "b1"]
+    assert verdicts["z1"].location.describe() == "cell 4, line 5" and verdicts["x"].diagnosis.code == "inherited"
