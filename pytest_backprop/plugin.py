@@ -49,7 +49,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
         try:
             settings = Settings.from_config(config)
-            settings.problem_spec()  # --backprop-problem: a forward the kit cannot derive from is a usage error now
+            if settings.problem:  # --backprop-problem: a forward the kit cannot derive from is a usage error now
+                settings.problem_spec()
         except pytest.UsageError as exc:
             if grader is not None:  # results.json must say why nothing was graded
                 grader.usage_error(str(exc))

@@ -101,7 +101,11 @@ class KitState:
     @property
     def lecture(self) -> bool:
         """Whether the session checks the lecture's problem (its Exercises 2-4 exist only then)."""
-        return not self.settings.problem
+        if not self.settings.problem:
+            return True
+        from ..problems.lecture import LECTURE
+
+        return self.spec is LECTURE  # --backprop-problem=reference_model.model names it too
 
     @property
     def problem(self):
