@@ -45,8 +45,8 @@ import torch
 
 from reference_model.data import Words, build_splits
 from reference_model.model import Config, forward_fused, init_params
-from ..problems.lecture import GRADIENT_ORDER, PARAMETERS
 
+from ..problems.lecture import GRADIENT_ORDER, PARAMETERS
 from ..problems.tolerance import derive
 from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 

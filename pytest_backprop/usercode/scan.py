@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Collection, Iterable, Iterator
 
 from reference_model.model import Config
-from ..problems.lecture import CONSTANTS, GRADIENT_ORDER
 
+from ..problems.lecture import CONSTANTS, GRADIENT_ORDER
 from ..verdict import Location
 from .base import SourceSpan, display_path
 
