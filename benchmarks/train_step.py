@@ -27,7 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 from _timing import interleaved, median, median_of_ratios  # noqa: E402
 
 from reference_model.backward import batchnorm_backward  # noqa: E402
-from reference_model.model import LINES, Config, forward_fused, params_only  # noqa: E402
+from reference_model.model import Config, forward_fused, params_only  # noqa: E402
+from pytest_backprop.problems.lecture import LINES  # noqa: E402
 from reference_model.train import PARAMETER_ORDER, lean_forward, manual_step  # noqa: E402
 
 EXPANDED = compile("\n".join(line.source for line in LINES), "<expanded forward>", "exec")

@@ -214,7 +214,7 @@ class LinesDirective(_Markdown):
     produced its tensor, and the lines that read it (whose contributions its gradient sums)."""
 
     def markdown(self) -> str:
-        from reference_model.model import GRADIENT_ORDER, LINE_OF, consumers
+        from pytest_backprop.problems.lecture import GRADIENT_ORDER, LINE_OF, consumers
 
         rows = ["| gradient | produced by | read by (contributions to sum) |", "|---|---|---|"]
         for name in GRADIENT_ORDER:

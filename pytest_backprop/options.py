@@ -41,6 +41,9 @@ OPTIONS: tuple[Option, ...] = (
            kind="bool", default=False),
     Option("impl", "the implementation to check: a script or module path (.py), a notebook (.ipynb) "
            "or a dotted module name", metavar="PATH_OR_MODULE"),
+    Option("problem", "the forward pass to check against: a problem file (.py) or dotted module defining SIZES, "
+           "make_inputs and forward (see docs/problems.md); default: the lecture's (reference_model.model), whose "
+           "Exercises 2-4 are specific to it", metavar="PATH_OR_MODULE"),
     Option("names", "names file in the lecture's format (default: names.txt in the rootdir if present, "
            "else the embedded census names)", metavar="PATH"),
     Option("seed", "seed of the generator that draws parameters and batch (default: the lecture's 2147483647)",

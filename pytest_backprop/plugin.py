@@ -49,6 +49,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
         try:
             settings = Settings.from_config(config)
+            if settings.problem:  # --backprop-problem: a forward the kit cannot derive from is a usage error now
+                settings.problem_spec()
         except pytest.UsageError as exc:
             if grader is not None:  # results.json must say why nothing was graded
                 grader.usage_error(str(exc))
@@ -58,7 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if state.option("isolate"):  # the child loads the submission while pytest collects
             from .usercode.isolate import start_early
 
-            start_early(settings.impl, settings.rootdir, timeout=settings.timeout, user=state.option("isolate-user"))
+            start_early(settings.impl, settings.rootdir, timeout=settings.timeout, user=state.option("isolate-user"),
+                        problem_spec=None if state.lecture else state.spec)
         config.pluginmanager.register(BackpropSession(config, state), "backprop-session")
     else:
         needs_checks = [o.flag for o in options.OPTIONS if o.name in KIT_ONLY and config.getoption(o.dest, None)]
@@ -89,14 +92,24 @@ class BackpropSession:
         from .problems.tolerance import RULE
 
         s = self.state.settings
+        if not self.state.lecture:
+            spec = self.state.spec
+            sizes = ", ".join(f"{k}={v}" for k, v in spec.sizes.items())
+            first = (f"backprop: problem {spec.name} ({s.problem}: {len(spec.lines)} lines, {len(spec.order)} "
+                     f"gradients; sizes {sizes}), seed {s.seed}, dtype {s.dtype}")
+        else:
+            first = (f"backprop: dataset {self.dataset()['source']} ({self.dataset()['words']} words), seed {s.seed}, "
+                     f"dtype {s.dtype}")
         return [
-            f"backprop: dataset {self.dataset()['source']} ({self.dataset()['words']} words), seed {s.seed}, dtype {s.dtype}",
+            first,
             f"backprop: tolerance rule: {RULE}",
             f"backprop: implementation {s.impl}"
             + (f" ({self.state.implementation.description})" if self.state.implementation else ""),
         ]
 
     def dataset(self) -> dict[str, Any]:
+        if not self.state.lecture:  # another problem's inputs come from its make_inputs
+            return {"source": "make_inputs", "words": 0}
         words = self.state.problem.words
         return {"source": words.source if words else "?", "words": len(words) if words else 0}
 
@@ -123,9 +136,11 @@ class BackpropSession:
 
     def ordered(self) -> list[Any]:
         """Reported verdicts in exercise order, then backward order."""
-        from .judge.grade import EXERCISE_TENSORS
+        from .judge.grade import EXERCISE_TENSORS, LECTURE_ONLY, exercise_tensors
 
-        rank = {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(EXERCISE_TENSORS.items()) for j, t in enumerate(ts)}
+        spec = None if self.state.lecture else self.state.spec
+        tensors = {ex: exercise_tensors(ex, spec) for ex in EXERCISE_TENSORS if spec is None or ex not in LECTURE_ONLY}
+        rank = {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(tensors.items()) for j, t in enumerate(ts)}
         # unranked checks (properties) by name: xdist delivers reports in no fixed order
         return sorted(self.state.reported.values(), key=lambda v: (*rank.get(v.key, (99, 0)), v.key))
 
@@ -144,5 +159,7 @@ class BackpropSession:
         from .report.json import report_json, write_json
 
         s = self.state.settings
-        meta = {"implementation": s.impl, "dataset": self.dataset(), "seed": s.seed, "dtype": s.dtype}
+        spec = self.state.spec
+        meta = {"implementation": s.impl, "problem": {"name": spec.name, "origin": spec.origin},
+                "dataset": self.dataset(), "seed": s.seed, "dtype": s.dtype}
         write_json(s.json, report_json(meta, self.ordered(), self.state.reported_warnings.values()))

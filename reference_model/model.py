@@ -8,8 +8,7 @@ table, the autograd truth, the consumer graph used for blame, the per-line check
 order. It imports nothing from the kit; the derived names it used to spell out by hand
 (``LINES``, ``LINE_OF``, ``GRADIENT_ORDER``, ``PARAMETERS``, ``CONSTANTS``, ``consumers``,
 ``producer``, ``run_line``, ``line_vjp``, ``forward_expanded``, ``autograd_truth``, ``Truth``,
-``Line``) are still importable from here: they are looked up in
-:mod:`pytest_backprop.problems.lecture` on first use.
+``Line``) live in :mod:`pytest_backprop.problems.lecture`.
 """
 
 from __future__ import annotations
@@ -208,17 +207,3 @@ def parameter_count(params: Mapping[str, torch.Tensor]) -> int:
     """Number of scalars in the parameters (4137 for the lecture's network): every float tensor given."""
     return sum(p.numel() for p in params.values() if isinstance(p, torch.Tensor) and p.is_floating_point())
 
-
-#: Names derived by the kit from :func:`forward` (see the module docstring).
-_DERIVED = frozenset({"LINES", "LINE_OF", "GRADIENT_ORDER", "PARAMETERS", "CONSTANTS", "Line", "Truth", "consumers",
-                      "producer", "run_line", "line_vjp", "forward_expanded", "autograd_truth", "gradient_names"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _DERIVED:
-        from pytest_backprop.problems import lecture  # the derivation lives in the kit; only on first use
-
-        value = getattr(lecture, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

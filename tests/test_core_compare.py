@@ -15,7 +15,7 @@ from pytest_backprop.problems.tolerance import ASSERT_CLOSE_DEFAULTS, Tolerance,
 from pytest_backprop.problems.instance import build_problem
 from reference_model import backward as ref
 from reference_model.data import load_words
-from reference_model.model import LINES
+from pytest_backprop.problems.lecture import LINES
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,7 @@ def test_json_report_follows_the_contract(pytester):
     assert data["implementation"] == str(script)
     assert data["dataset"]["words"] == 5163 and data["dataset"]["source"].startswith("embedded")
     assert data["seed"] == 2147483647 and data["dtype"] == "float32"
+    assert data["problem"] == {"name": "makemore MLP (the lecture)", "origin": "reference_model.model"}
     assert [c["tensor"] for c in data["checks"]][:3] == ["logprobs", "probs", "counts_sum_inv"]
     logprobs, probs = data["checks"][0], data["checks"][1]
     assert logprobs == {**logprobs, "exercise": "ex1", "status": "pass", "exact": True, "approximate": True,

@@ -15,19 +15,8 @@ from reference_model.data import (
     load_words,
     vocabulary,
 )
-from reference_model.model import (
-    GRADIENT_ORDER,
-    LINES,
-    Config,
-    autograd_truth,
-    consumers,
-    forward_expanded,
-    forward_fused,
-    init_params,
-    lecture_params_and_batch,
-    parameter_count,
-    params_only,
-)
+from reference_model.model import Config, forward_fused, init_params, lecture_params_and_batch, parameter_count, params_only
+from pytest_backprop.problems.lecture import GRADIENT_ORDER, LINES, autograd_truth, consumers, forward_expanded
 
 
 def test_embedded_names_are_the_census_first_names():

@@ -193,7 +193,7 @@ def test_every_json_and_gradescope_field_is_documented():
     data = gradescope.results_json([gradescope.Case("t", 1, True, "ok", tags=("ex1",))], output="", execution_time=0)
     for key in [*data, *data["tests"][0], *data["extra_data"]]:
         assert f"`{key}`" in text, f"results.json field {key} is not documented"
-    for key in ("implementation", "dataset", "seed", "dtype", "checks", "warnings"):
+    for key in ("implementation", "problem", "dataset", "seed", "dtype", "checks", "warnings"):
         assert f'"{key}"' in text
 
 

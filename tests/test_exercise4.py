@@ -15,7 +15,8 @@ from pytest_backprop.usercode.base import Implementation, RunResult
 from pytest_backprop.usercode.loaders import load_implementation
 from pytest_backprop.usercode.run import UserError
 from reference_model.data import build_splits, load_words
-from reference_model.model import PARAMETERS, Config
+from reference_model.model import Config
+from pytest_backprop.problems.lecture import PARAMETERS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ from conftest import GRADIENTS_ONLY, run_inprocess, solution_with, write_script
 from pytest_backprop.checks.independent import ancestors, grade_exercise
 from pytest_backprop.problems.instance import build_problem, resolve_words
 from pytest_backprop.usercode.loaders import load_implementation
-from reference_model.model import GRADIENT_ORDER
+from pytest_backprop.problems.lecture import GRADIENT_ORDER
 
 
 @pytest.fixture(scope="module")

@@ -111,3 +111,29 @@ def test_the_checker_sees_a_violation(tmp_path):
         assert upward == ["judge.b"]
     finally:
         PACKAGE = saved
+
+
+def kit_imports(source: str) -> list[str]:
+    """The ``pytest_backprop`` imports that run when ``source`` is imported (not those inside functions)."""
+    found = []
+    pending = list(ast.parse(source).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pytest_backprop":
+            found.append(node.module)
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "pytest_backprop"]
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_reference_model_never_imports_the_kit():
+    """reference_model is the lecture's code (and its problem file): the kit reads it, never the other
+    way round at import time (its training CLI may still plot with the kit, inside a function)."""
+    model = PACKAGE.parent / "reference_model"
+    found = {p.name: kit_imports(p.read_text()) for p in sorted(model.glob("*.py"))}
+    assert "model.py" in found and not any(found.values()), found
+    assert kit_imports("if True:\n    from pytest_backprop.problems import lecture\n") == ["pytest_backprop.problems"]
+    assert kit_imports("def f():\n    import pytest_backprop.report\n") == []

@@ -22,8 +22,9 @@ from pytest_backprop.usercode.perline import (
     random_upstream,
 )
 from reference_model import backward_lines
-from reference_model.model import GRADIENT_ORDER, LINE_OF, LINES
 from conftest import run_inprocess
+
+from pytest_backprop.problems.lecture import GRADIENT_ORDER, LINE_OF, LINES
 
 
 @pytest.fixture(scope="module")

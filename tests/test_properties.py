@@ -22,7 +22,8 @@ from pytest_backprop.properties.explain import SizeFinding, size_findings
 from pytest_backprop.usercode.loaders import load_implementation
 from pytest_backprop.usercode.perline import line_functions
 from reference_model import backward_lines
-from reference_model.model import GRADIENT_ORDER, Config
+from reference_model.model import Config
+from pytest_backprop.problems.lecture import GRADIENT_ORDER
 
 LECTURE = Config()
 

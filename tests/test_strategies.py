@@ -24,7 +24,8 @@ from pytest_backprop.properties.strategies import (
     shapes,
     tensors,
 )
-from reference_model.model import Config, forward_expanded, params_only
+from reference_model.model import Config, params_only
+from pytest_backprop.problems.lecture import forward_expanded
 
 FEW = settings(max_examples=15, deadline=None)
 

@@ -19,7 +19,8 @@ from reference_model.data import (
     load_words,
     vocabulary,
 )
-from reference_model.model import PARAMETERS, Config, forward_fused, params_only
+from reference_model.model import Config, forward_fused, params_only
+from pytest_backprop.problems.lecture import PARAMETERS
 
 
 @pytest.fixture(scope="module")

@@ -44,14 +44,9 @@ import pytest
 import torch
 
 from reference_model.data import Words, build_splits
-from reference_model.model import (
-    GRADIENT_ORDER,
-    PARAMETERS,
-    Config,
-    forward_fused,
-    init_params,
-)
+from reference_model.model import Config, forward_fused, init_params
 
+from ..problems.lecture import GRADIENT_ORDER, PARAMETERS
 from ..problems.tolerance import derive
 from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 
@@ -288,7 +283,7 @@ def wanted(kit: Any) -> bool:
 
         wanted(kit)   # True for a script that writes dlogprobs ... dC; False for a module with only Exercise 2
     """
-    return kit.option("steps") > 0 and "ex1" in kit.exercises()
+    return getattr(kit, "lecture", True) and kit.option("steps") > 0 and "ex1" in kit.exercises()
 
 
 def session_steps(kit: Any) -> int:

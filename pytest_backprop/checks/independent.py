@@ -31,11 +31,12 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from reference_model.model import GRADIENT_ORDER, consumers
+from ..problems.lecture import LECTURE
 
 from ..judge.blame import assign_blame, follows_upstream, own_fault_hint
-from ..judge.grade import EXERCISE_TENSORS, verdicts_for_run
+from ..judge.grade import exercise_tensors, verdicts_for_run
 from ..problems.instance import Problem
+from ..problems.spec import ProblemSpec
 from ..usercode.base import Implementation, RunResult
 from ..usercode.program import Plan
 from ..verdict import ERROR, FAIL, PASS, Diagnosis, Verdict
@@ -55,15 +56,16 @@ class Graded:
 
 
 @lru_cache(maxsize=None)
-def ancestors(tensor: str) -> frozenset[str]:
-    """The gradients ``d<tensor>`` is computed from (directly or not): those of the lines that read it.
+def ancestors(tensor: str, spec: ProblemSpec = LECTURE) -> frozenset[str]:
+    """The gradients ``d<tensor>`` is computed from (directly or not): those of the lines that read it
+    (in the problem ``spec``, the lecture's by default).
 
     Example::
 
         "probs" in ancestors("counts")   # True: dcounts comes from dprobs (and dcounts_sum)
     """
-    direct = {line.output for line in consumers(tensor) if line.output in GRADIENT_ORDER}
-    return frozenset(direct.union(*(ancestors(t) for t in direct)))
+    direct = {line.output for line in spec.consumers(tensor) if line.output in spec.order}
+    return frozenset(direct.union(*(ancestors(t, spec) for t in direct)))
 
 
 def _failing(v: Verdict) -> bool:
@@ -80,14 +82,15 @@ def grade_exercise(implementation: Implementation, exercise: str, problem: Probl
     """Run ``implementation`` for ``exercise`` and grade every gradient independently (module docstring)."""
     run = implementation.run(exercise, problem, timeout)
     first = {v.tensor: v for v in verdicts_for_run(exercise, run, problem)}
-    graded = Graded([first[t] for t in EXERCISE_TENSORS[exercise]], _warnings([run]), 1, run)
+    graded = Graded([first[t] for t in exercise_tensors(exercise, problem.spec)], _warnings([run]), 1, run)
     if exercise not in CASCADING or not any(_failing(v) for v in first.values()):
         return graded
     if not getattr(implementation, "supports_plans", False):
         graded.verdicts = assign_blame(graded.verdicts, run.grads, problem)
         return graded
 
-    order = EXERCISE_TENSORS[exercise]
+    order = exercise_tensors(exercise, problem.spec)
+    spec = problem.spec
     plan, current_run, current = Plan(), run, dict(first)
     runs, final, roots = [run], {}, {}  # roots: tensor -> the substituted own faults it depends on
     graded_on: dict[str, RunResult] = {}  # tensor -> the run its final verdict comes from
@@ -108,8 +111,8 @@ def grade_exercise(implementation: Implementation, exercise: str, problem: Probl
                 not set(current_run.failed_statements) <= plan.continue_past:
             rerun(plan.with_(continue_past=current_run.failed_statements))
         final[tensor], graded_on[tensor] = current[tensor], current_run
-        roots[tensor] = [t for t in reversed(list(plan.substitute)) if t in ancestors(tensor)]  # nearest first
-        later = [t for t in order[index + 1:] if tensor in ancestors(t)]
+        roots[tensor] = [t for t in reversed(list(plan.substitute)) if t in ancestors(tensor, spec)]  # nearest first
+        later = [t for t in order[index + 1:] if tensor in ancestors(t, spec)]
         if _failing(current[tensor]) and later and not stopped:
             rerun(plan.with_(substitute={tensor: problem.grads[tensor]}, continue_past=current_run.failed_statements))
             if tensor not in current_run.substituted:  # the code could not take the truth: estimate instead
@@ -122,7 +125,7 @@ def grade_exercise(implementation: Implementation, exercise: str, problem: Probl
         if _failing(final[t]) and roots.get(t) and follows_upstream(t, run.grads, problem, wrong_as_written):
             final[t] = replace(first[t], status=PASS)
     graded.verdicts = [_verdict(first[t], final[t], roots.get(t, []), graded_on.get(t, run).grads, problem,
-                                [ln.output for ln in consumers(t) if ln.output in wrong_as_written])
+                                [ln.output for ln in spec.consumers(t) if ln.output in wrong_as_written])
                        for t in order]
     graded.warnings = _warnings(runs)
     graded.runs = len(runs)

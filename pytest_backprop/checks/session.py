@@ -27,6 +27,7 @@ class Settings:
     json: str | None
     timeout: float
     rootdir: Path
+    problem: str | None = None  # --backprop-problem (None: the lecture's)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "Settings":
@@ -52,7 +53,24 @@ class Settings:
 
         check_device(options.get(config, "device"))
         return cls(impl=impl, names=names, seed=options.get(config, "seed"), dtype=options.get(config, "dtype"),
-                   json=options.get(config, "json"), timeout=options.get(config, "timeout"), rootdir=rootdir)
+                   json=options.get(config, "json"), timeout=options.get(config, "timeout"), rootdir=rootdir,
+                   problem=options.get(config, "problem"))
+
+    def problem_spec(self) -> Any:
+        """The problem of ``--backprop-problem`` (loaded once; the lecture's when not given). A problem
+        the kit cannot derive from is a usage error naming its line."""
+        from ..problems.lecture import LECTURE
+        from ..problems.spec import ProblemError, load_spec
+
+        if not self.problem:
+            return LECTURE
+        target = self.problem
+        if (target.endswith(".py") or "/" in target) and (Path.cwd() / target).is_file():
+            target = str((Path.cwd() / target).resolve())  # like --backprop-impl: the working directory first
+        try:
+            return load_spec(target, rootdir=self.rootdir)
+        except ProblemError as exc:
+            raise pytest.UsageError(f"--backprop-problem={self.problem}: {exc}") from None
 
 
 @dataclass
@@ -76,8 +94,31 @@ class KitState:
         return options.get(self.config, name)
 
     @property
+    def spec(self) -> Any:
+        """The session's :class:`~pytest_backprop.problems.spec.ProblemSpec` (``--backprop-problem``)."""
+        return self.settings.problem_spec()
+
+    @property
+    def lecture(self) -> bool:
+        """Whether the session checks the lecture's problem (its Exercises 2-4 exist only then)."""
+        if not self.settings.problem:
+            return True
+        from ..problems.lecture import LECTURE
+
+        return self.spec is LECTURE  # --backprop-problem=reference_model.model names it too
+
+    @property
     def problem(self):
-        """The lecture's problem at the session's settings, built on first use."""
+        """The problem at the session's settings (the lecture's by default), built on first use."""
+        if self._problem is None and not self.lecture:
+            import torch
+
+            from ..problems.device import single_thread
+            from ..problems.instance import problem_from_spec
+
+            with single_thread():
+                self._problem = problem_from_spec(self.spec, seed=self.settings.seed,
+                                                  dtype=getattr(torch, self.settings.dtype))
         if self._problem is None:
             import torch
 
@@ -101,7 +142,8 @@ class KitState:
             try:
                 self._implementation = load_submission(self.settings.impl, self.settings.rootdir,
                                                        isolate=self.option("isolate"), timeout=self.settings.timeout,
-                                                       user=self.option("isolate-user"))
+                                                       user=self.option("isolate-user"),
+                                                       problem_spec=None if self.lecture else self.spec)
             except LoadError as exc:
                 self._load_error = str(exc)
         return self._implementation
@@ -118,7 +160,10 @@ class KitState:
 
     def collected_exercises(self) -> tuple[str, ...]:
         """Exercises that get items: all of the lecture's (an unanswered one is a row of skips that says
-        why), plus the per-line checks when the implementation offers them."""
+        why), plus the per-line checks when the implementation offers them. Another problem than the
+        lecture's has Exercise 1 (its whole backward) and the per-line checks only."""
+        if not self.lecture:
+            return ("ex1", *(ex for ex in self.exercises() if ex == "lines"))
         return (*KNOWN_EXERCISES, *(ex for ex in self.exercises() if ex not in KNOWN_EXERCISES))
 
     def verdicts(self, exercise: str) -> list[Verdict]:

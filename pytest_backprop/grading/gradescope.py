@@ -370,8 +370,12 @@ class GradescopeReporter:
 
     def catalogue(self) -> list[tuple[str, float]]:
         """The built-in checks this session grades whatever the submission (:func:`builtin_checks`)."""
+        from ..checks.session import get_state
+
+        state = get_state(self.config)
+        spec = state.spec if state is not None and not state.lecture else None  # --backprop-problem
         return builtin_checks(steps=options.get(self.config, "steps"), examples=options.get(self.config, "examples"),
-                              broadcast=options.get(self.config, "broadcast"))
+                              broadcast=options.get(self.config, "broadcast"), spec=spec)
 
     def output(self, cases: Sequence[Case]) -> str:
         """The top-level output: the lecture's table (as in the terminal) and the score."""

@@ -216,17 +216,25 @@ def default_points(key: str) -> float:
         return DEFAULT_POINTS
     return 0.0 if any(fnmatch.fnmatchcase(key, p) for p in FORM_SPECIFIC) else DEFAULT_POINTS
 
-def builtin_checks(*, steps: int, examples: int, broadcast: bool) -> list[tuple[str, float]]:
+def builtin_checks(*, steps: int, examples: int, broadcast: bool, spec: Any = None) -> list[tuple[str, float]]:
     """Every built-in check a session with these settings grades, whatever form the submission has,
-    in the report's order, with its default points (0 for checks only some forms have).
+    in the report's order, with its default points (0 for checks only some forms have). ``spec``:
+    another problem than the lecture's (``--backprop-problem``): its gradients, lines and the
+    properties derived from it; no Exercises 2-4.
 
     Example::
 
         keys = [key for key, _ in builtin_checks(steps=50, examples=0, broadcast=False)]
         keys[0], keys[26], keys[-1]   # ('ex1::logprobs', 'ex2::logits', 'ex4::sgd')
     """
-    from ..judge.grade import EXERCISE_TENSORS  # with --backprop on: torch is loaded anyway
+    from ..judge.grade import EXERCISE_TENSORS, exercise_tensors  # with --backprop on: torch is loaded anyway
 
+    if spec is not None:
+        lines = exercise_tensors("lines", spec)
+        keys = [f"ex1::{t}" for t in exercise_tensors("ex1", spec)] + [f"lines::{o}" for o in lines]
+        if examples > 0:
+            keys += ["properties::ex1", *(f"properties::lines::{o}" for o in lines)]
+        return [(key, default_points(key)) for key in keys]
     lines = EXERCISE_TENSORS["lines"]
     keys = [f"{ex}::{t}" for ex in ("ex1", "ex2", "ex3") for t in EXERCISE_TENSORS[ex]]
     keys += [f"lines::{o}" for o in lines]

@@ -21,10 +21,14 @@ class BackpropCollector(pytest.Collector):
 
         if wanted(state):
             children.append(SgdCollector.from_parent(self, name="ex4"))
-        if state.option("examples") > 0:  # hypothesis properties (issue 4)
+        if state.option("examples") > 0 and state.lecture:  # hypothesis properties (issue 4)
             from .properties import PropertyCollector
 
             children.append(PropertyCollector.from_parent(self, name="properties"))
+        elif state.option("examples") > 0:  # another problem: the properties derived from its spec (issue 16)
+            from .problem_properties import ProblemPropertyCollector
+
+            children.append(ProblemPropertyCollector.from_parent(self, name="properties"))
         return children
 
 

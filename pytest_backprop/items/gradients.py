@@ -54,7 +54,9 @@ class ExerciseCollector(pytest.Collector):
         self.exercise = exercise
 
     def collect(self) -> list[pytest.Item]:
-        from ..judge.grade import EXERCISE_TENSORS
+        from ..judge.grade import exercise_tensors
 
+        state = get_state(self.config)
+        spec = None if state is None or state.lecture else state.spec
         return [GradientItem.from_parent(self, name=t, exercise=self.exercise, tensor=t)
-                for t in EXERCISE_TENSORS[self.exercise]]
+                for t in exercise_tensors(self.exercise, spec)]

@@ -93,7 +93,7 @@ class PropertyItem(pytest.Item):
             return True
 
     def verdict(self) -> Any:
-        from reference_model.model import LINE_OF
+        from ..problems.lecture import LINE_OF
 
         from ..judge.lines import check_line
         from ..properties import checks as P
@@ -165,8 +165,9 @@ class PropertyItem(pytest.Item):
         return self.path, None, self.nodeid
 
 
-def line_functions_of(impl: Any) -> dict[str, Any]:
-    """The ``backward_<output>`` functions an implementation offers (per-line modules, or modules with both)."""
+def line_functions_of(impl: Any, spec: Any = None) -> dict[str, Any]:
+    """The ``backward_<output>`` functions an implementation offers (per-line modules, or modules with
+    both), for the lines of ``spec`` (the lecture's by default)."""
     functions = getattr(impl, "functions", None)
     if isinstance(functions, dict):
         return dict(functions)
@@ -175,7 +176,7 @@ def line_functions_of(impl: Any) -> dict[str, Any]:
         return {}
     from ..usercode.perline import line_functions
 
-    return line_functions(module)
+    return line_functions(module) if spec is None else line_functions(module, spec)
 
 
 class LinesCollector(pytest.Collector):
@@ -219,7 +220,7 @@ class PropertyCollector(pytest.Collector):
                                        for ex in ("ex1", "ex2", "ex3") if ex in offered]
         functions = line_functions_of(impl)
         if functions:
-            from reference_model.model import LINES
+            from ..problems.lecture import LINES
 
             outputs = tuple(line.output for line in reversed(LINES) if line.output in functions)
             children.append(LinesCollector.from_parent(self, name="lines", outputs=outputs))

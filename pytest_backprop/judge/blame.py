@@ -1,7 +1,7 @@
 """Blame: which failing gradient is wrong on its own, and which only inherit an earlier mistake.
 
 Backprop runs the forward lines in reverse, so ``d<t>`` is the sum, over the lines that read ``t``
-(``reference_model.model.consumers``), of each line's vector-Jacobian product applied to the
+(``pytest_backprop.problems.lecture.consumers``), of each line's vector-Jacobian product applied to the
 gradient of that line's output. The gradients ``d<t>`` depends on are therefore the gradients of
 those outputs ("upstream" gradients, earlier in the lecture's checking order).
 
@@ -11,7 +11,7 @@ The rule, applied to every failing gradient in backward order:
    fault**.
 2. If some upstream gradient is wrong, compute what ``d<t>`` *should* be given the user's own
    upstream gradients: the sum of the consuming lines' autograd VJPs
-   (:func:`reference_model.model.line_vjp`) applied to the user's answers. If the user's ``d<t>``
+   (:func:`pytest_backprop.problems.lecture.line_vjp`) applied to the user's answers. If the user's ``d<t>``
    equals that, the local step is right and the error is **inherited** (code ``inherited``, the
    message names the wrong upstream gradient and the first own-fault gradient it comes from).
    If it does not, the local step is wrong too: ``d<t>`` is its own fault, and its hint is computed
@@ -49,11 +49,12 @@ from typing import Any, Mapping
 
 import torch
 
-from reference_model.model import GRADIENT_ORDER, Line, consumers, line_vjp
+from ..problems.table import Line
+from ..problems.forward import line_vjp
 
 from ..problems.instance import Problem
 from ..verdict import FAIL, Diagnosis, Verdict
-from .diagnose import close, name_constant, significant, value_hint
+from .diagnose import close, hints_for, name_constant, significant, value_hint
 
 CODES: tuple[str, ...] = (
     "ok", "scale", "sign", "unreduced", "keepdim", "transposed", "missing_branch", "lost_branch", "loop_range",
@@ -67,7 +68,7 @@ def _usable(value: Any, like: torch.Tensor) -> bool:
 
 
 def _upstream_grad(line: Line, grads: Mapping[str, Any], problem: Problem, *, user: bool) -> torch.Tensor:
-    if line.output not in GRADIENT_ORDER:  # the loss: d loss / d loss = 1
+    if line.output not in problem.spec.order:  # the loss: d loss / d loss = 1
         return torch.ones((), dtype=problem.dtype)
     truth = problem.grads[line.output]
     answer = grads.get(line.output)
@@ -87,7 +88,7 @@ def contributions(tensor: str, grads: Mapping[str, Any], problem: Problem, *,
         # [('counts_sum', (32, 27)), ('probs', (32, 27))]
     """
     out = []
-    for line in consumers(tensor):
+    for line in problem.spec.consumers(tensor):
         upstream = _upstream_grad(line, grads, problem, user=user)
         out.append((line, line_vjp(line, problem.truth.values, upstream)[tensor]))
     return out
@@ -114,23 +115,25 @@ def _aliased_with(tensor: str, grads: Mapping[str, Any], problem: Problem) -> tu
     return found
 
 
-def _aliased_hint(tensor: str, other: str) -> Diagnosis:
-    first, second = sorted((tensor, other), key=GRADIENT_ORDER.index)
+def _aliased_hint(tensor: str, other: str, problem: Problem) -> Diagnosis:
+    first, second = sorted((tensor, other), key=problem.spec.order.index)
     return Diagnosis("aliased", f"d{tensor} and d{other} are the same tensor in memory (`d{second} = d{first}` without "
                                 f".clone()?): updating d{second} in place (`d{second} += ...`) also changed d{first}. "
                                 f"Write `d{second} = d{first}.clone()`")
 
 
-def _lookup_line(tensor: str) -> Line | None:
-    """The line that reads ``tensor`` through ``Xb`` (``emb = C[Xb]``): its gradient is a loop over Xb."""
-    return next((ln for ln in consumers(tensor) if "Xb" in ln.constants), None)
+def _lookup_line(tensor: str, problem: Problem) -> Line | None:
+    """The line that reads ``tensor`` through ``Xb`` (the lecture's ``emb = C[Xb]``): its gradient is a loop over Xb."""
+    if problem.Xb is None:
+        return None
+    return next((ln for ln in problem.spec.consumers(tensor) if "Xb" in ln.constants), None)
 
 
 def _lookup(tensor: str, actual: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor,
             problem: Problem) -> tuple[Line, torch.Tensor] | None:
     """The lookup line reading ``tensor`` and its upstream gradient as (n, block, width), or None
     when there is no such line or the shapes do not fit."""
-    line = _lookup_line(tensor)
+    line = _lookup_line(tensor, problem)
     Xb = problem.Xb
     if (line is None or actual.shape != target.shape or actual.dim() != 2 or upstream.shape[:2] != Xb.shape
             or upstream[0, 0].numel() != actual.shape[1]):
@@ -280,16 +283,24 @@ def _branch_hint(tensor: str, actual: torch.Tensor, parts: list[tuple[Line, torc
 
 def _own_fault(tensor: str, verdict: Verdict, actual: Any, target: torch.Tensor, parts: list[tuple[Line, torch.Tensor]],
                grads: Mapping[str, Any], problem: Problem, given_upstream: bool) -> Diagnosis:
-    """The most specific hint for a gradient whose mistake is (at least partly) its own."""
+    """The most specific hint for a gradient whose mistake is (at least partly) its own (quoting the
+    lines of ``problem``'s forward)."""
+    with hints_for(problem.spec):
+        return _own_fault_hint(tensor, verdict, actual, target, parts, grads, problem, given_upstream)
+
+
+def _own_fault_hint(tensor: str, verdict: Verdict, actual: Any, target: torch.Tensor,
+                    parts: list[tuple[Line, torch.Tensor]], grads: Mapping[str, Any], problem: Problem,
+                    given_upstream: bool) -> Diagnosis:
     alias = _aliased_with(tensor, grads, problem)
     if alias is not None and alias[1]:
-        return _aliased_hint(tensor, alias[0])
+        return _aliased_hint(tensor, alias[0], problem)
     if not _usable(actual, target) or not bool(torch.isfinite(actual).all()):
         return verdict.diagnosis
     atol = problem.tolerances[tensor].atol
     actual = actual.detach()
     hint = _branch_hint(tensor, actual, parts, atol, problem.n)
-    lookup = _lookup_line(tensor)
+    lookup = _lookup_line(tensor, problem)
     if hint is None and lookup is not None:
         upstream = _upstream_grad(lookup, grads, problem, user=given_upstream)
         hint = (_loop_range_hint(tensor, actual, target, upstream, atol, problem)
@@ -297,7 +308,7 @@ def _own_fault(tensor: str, verdict: Verdict, actual: Any, target: torch.Tensor,
     if hint is not None:
         return hint
     if alias is not None and verdict.diagnosis.code == "mismatch":
-        return _aliased_hint(tensor, alias[0])
+        return _aliased_hint(tensor, alias[0], problem)
     if not given_upstream:
         return verdict.diagnosis
     what = "what your upstream gradients imply"
@@ -323,7 +334,7 @@ def blame_one(tensor: str, verdict: Verdict, by_name: Mapping[str, Verdict], roo
     actual = grads.get(tensor)
     if not isinstance(actual, torch.Tensor) or not actual.dtype.is_floating_point:
         return verdict.diagnosis, {}  # not a float tensor: its own mistake, whatever is upstream (a wrong shape may be inherited)
-    lines = consumers(tensor)
+    lines = problem.spec.consumers(tensor)
     wrong = [ln for ln in lines if ln.output in by_name and by_name[ln.output].status == FAIL]
     if not wrong:
         parts = contributions(tensor, grads, problem, user=False)
@@ -361,7 +372,7 @@ def assign_blame(verdicts: list[Verdict], grads: Mapping[str, Any], problem: Pro
     roots: dict[str, str] = {}
     out = []
     for v in verdicts:
-        if v.status != FAIL or v.tensor not in GRADIENT_ORDER or v.diagnosis.code == "reads_autograd":
+        if v.status != FAIL or v.tensor not in problem.spec.order or v.diagnosis.code == "reads_autograd":
             if v.status == FAIL:
                 roots[v.tensor] = v.tensor
             out.append(v)
@@ -386,7 +397,7 @@ def follows_upstream(tensor: str, grads: Mapping[str, Any], problem: Problem, fa
         follows_upstream("emb", run.grads, problem, {"embcat"})   # True for demb = dembcat.view(...)
     """
     actual = grads.get(tensor)
-    wrong = [ln for ln in consumers(tensor) if ln.output in failing]
+    wrong = [ln for ln in problem.spec.consumers(tensor) if ln.output in failing]
     if not wrong or not _usable(actual, problem.grads[tensor]):
         return False
     if not all(_usable(grads.get(ln.output), problem.grads[ln.output]) for ln in wrong):
@@ -408,7 +419,7 @@ def own_fault_hint(verdict: Verdict, grads: Mapping[str, Any], problem: Problem)
     """
     tensor = verdict.tensor
     actual = grads.get(tensor)
-    if tensor not in GRADIENT_ORDER or not isinstance(actual, torch.Tensor) or not actual.dtype.is_floating_point:
+    if tensor not in problem.spec.order or not isinstance(actual, torch.Tensor) or not actual.dtype.is_floating_point:
         return verdict.diagnosis
     try:
         parts = contributions(tensor, grads, problem, user=False)

@@ -35,7 +35,9 @@ and ``reads_autograd`` from the loaders.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -80,12 +82,42 @@ def _fmt(shape: Any) -> str:
     return str(tuple(int(s) for s in shape))
 
 
+#: The lecture problem's NAME (reference_model.model.NAME), without importing the problem here.
+LECTURE_NAME = "makemore MLP (the lecture)"
+#: The problem whose lines hints quote (set by :func:`diagnose`'s ``spec``; None: the lecture's).
+_SPEC: ContextVar[Any] = ContextVar("backprop_hint_spec", default=None)
+
+
 def _lines_reading(name: str, lecture: bool = True) -> tuple[Any, ...]:
-    if not lecture:  # a tensor outside the lecture: its name says nothing about the lecture's lines
+    if not lecture:  # a tensor outside the problem: its name says nothing about the problem's lines
         return ()
-    from reference_model.model import consumers  # noqa: PLC0415 -- only where hints name lines
+    spec = _SPEC.get()
+    if spec is not None:
+        return spec.consumers(name) if name in spec.order or name in spec.line_of else ()
+    from ..problems.lecture import consumers  # noqa: PLC0415 -- only where hints name lines
 
     return consumers(name)
+
+
+@contextmanager
+def hints_for(spec: Any) -> Iterator[None]:
+    """Within the block, hints quote the lines of the problem ``spec`` (None: the lecture's).
+
+    Example::
+
+        with hints_for(problem.spec):
+            value_hint("z1", actual, truth, atol, n=8)
+    """
+    token = _SPEC.set(spec)
+    try:
+        yield
+    finally:
+        _SPEC.reset(token)
+
+
+def _is_lecture() -> bool:
+    spec = _SPEC.get()
+    return spec is None or spec.name == LECTURE_NAME
 
 
 def _infer_integer(c: float) -> int | None:
@@ -199,6 +231,8 @@ def name_constant(c: float, n: int | None, *, tensor: str | None = None, through
             elif located:
                 line = factor_line(tensor, FACTOR_KIND[label], through=through)
                 meaning = meaning.format(line=f"`{line}`") if line else plain
+            elif not _is_lecture():  # another problem: no usual place to name
+                meaning = plain
             else:  # nothing says which gradient: the lecture's usual place for each factor
                 meaning = meaning.format(line=f"`{LECTURE_FACTOR_LINES[FACTOR_KIND[label]]}`")
             if sign < 0:
@@ -329,7 +363,8 @@ def _keepdim(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float, 
     else:
         dim = _size1_dim(a_shape, e_shape)
         fix = f"drop the size-1 dimension (`.sum({dim})` without keepdim, or `.view{_fmt(e_shape)}`)"
-    cmp_note = " The lecture's cmp() uses `==`, which broadcasts, so it let this through;" if lecture else ""
+    cmp_note = (" The lecture's cmp() uses `==`, which broadcasts, so it let this through;"
+                if lecture and _is_lecture() else "")
     return Diagnosis("keepdim", f"d{name} has shape {_fmt(a_shape)} but {name} has shape {_fmt(e_shape)}: the values "
                                 f"are right; {fix}.{cmp_note} a gradient has exactly the shape of its tensor")
 
@@ -376,12 +411,14 @@ def shape_hint(name: str, actual: torch.Tensor, truth: torch.Tensor, atol: float
 
 
 def diagnose(name: str, result: Comparison, *, n: int | None = None,
-             values: Mapping[str, Any] | None = None) -> Diagnosis:
+             values: Mapping[str, Any] | None = None, spec: Any = None) -> Diagnosis:
     """The hint for one failed (or passed) comparison of ``d<name>``.
 
     ``n`` (the batch size) lets scale hints name n, 1/n, n/(n-1) ...; without it they infer it from
     the factor. Both only for the lecture's tensors (``result.lecture``); others get generic hints. ``values`` (the forward tensors by name, with ``n``) lets shape hints quote the
-    forward line where the tensor was broadcast.
+    forward line where the tensor was broadcast. ``spec`` (a
+    :class:`~pytest_backprop.problems.spec.ProblemSpec`; default the lecture's) is the problem whose
+    lines hints quote.
 
     Example::
 
@@ -393,7 +430,8 @@ def diagnose(name: str, result: Comparison, *, n: int | None = None,
     if result.problem == "type" or result.problem == "dtype":
         return Diagnosis("type", describe_failure(name, result))
     try:
-        return _diagnose(name, result, n, values)
+        with hints_for(spec if spec is not None else _SPEC.get()):
+            return _diagnose(name, result, n, values)
     except Exception:  # noqa: BLE001 -- a hint must never crash a check; say what is known
         code = "shape" if result.problem == "shape" else ("ok" if result.approximate else "mismatch")
         return Diagnosis(code, describe_failure(name, result) if code != "ok" else "matches autograd")

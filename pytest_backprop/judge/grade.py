@@ -8,9 +8,10 @@ from typing import Any, Iterable
 
 import torch
 
-from reference_model.model import GRADIENT_ORDER, LINE_OF, LINES, PARAMETERS, consumers
+from ..problems.lecture import GRADIENT_ORDER, LECTURE, LINES
 
 from ..problems.instance import Problem
+from ..problems.spec import ProblemSpec
 from ..usercode.base import GradientError, RunResult
 from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Location, Verdict
 from .compare import compare
@@ -33,10 +34,39 @@ EXERCISE_TITLES = {
 }
 
 
-def forward_line(tensor: str) -> str | None:
+#: Exercises of the lecture only: another problem (``--backprop-problem``) has Exercise 1 (its whole
+#: backward) and the per-line checks.
+LECTURE_ONLY = ("ex2", "ex3", "ex4")
+
+
+def exercise_tensors(exercise: str, spec: ProblemSpec | None = None) -> tuple[str, ...]:
+    """The gradients ``exercise`` answers for the problem ``spec`` (the lecture's by default), in
+    report order: every gradient for ``ex1``, every line's output for ``lines``.
+
+    Example::
+
+        exercise_tensors("ex1", load_spec("examples/problems/two_layer_relu.py"))[:2]   # ('logp', 'esum')
+    """
+    if spec is None or spec is LECTURE:
+        return EXERCISE_TENSORS[exercise]
+    if exercise == "ex1":
+        return spec.order
+    if exercise == "lines":
+        return tuple(line.output for line in reversed(spec.lines))
+    raise KeyError(f"{exercise} is an exercise of the lecture's problem only, not of {spec.name!r}")
+
+
+def exercise_title(exercise: str, spec: ProblemSpec | None = None) -> str:
+    """The report's heading of ``exercise`` (for another problem than the lecture's, its name)."""
+    if spec is None or spec is LECTURE or exercise not in ("ex1",):
+        return EXERCISE_TITLES.get(exercise, exercise)
+    return f"{spec.name}: backprop through every line"
+
+
+def forward_line(tensor: str, spec: ProblemSpec | None = None) -> str | None:
     """The forward line(s) to look at for ``d<tensor>``: those that read ``tensor``, since backprop
     through them is what produces its gradient (two for a tensor used twice, joined by ``; ``)."""
-    sources = [line.source for line in consumers(tensor)]
+    sources = [line.source for line in (spec or LECTURE).consumers(tensor)]
     return "; ".join(sources) or None
 
 
@@ -61,8 +91,8 @@ def broadcast_note(tensor: str, actual: Any, problem: Problem) -> Diagnosis | No
         broadcast_note("bnmeani", dbnmeani_flat, problem).code   # 'shape_note'
     """
     expected = problem.grads[tensor]
-    line = LINE_OF.get(tensor)
-    if line is None or tensor in PARAMETERS or not isinstance(actual, torch.Tensor):
+    line = problem.spec.line_of.get(tensor)
+    if line is None or tensor in problem.spec.leaves or not isinstance(actual, torch.Tensor):
         return None
     a_shape, e_shape = tuple(actual.shape), tuple(expected.shape)
     if a_shape == e_shape or actual.numel() != expected.numel() or \
@@ -96,14 +126,14 @@ def verdict_for(exercise: str, tensor: str, actual: Any, problem: Problem,
         reshaped = compare(actual.reshape(expected.shape), expected)
         return Verdict(exercise, tensor, PASS, reshaped.exact, True, reshaped.maxdiff, tuple(expected.shape),
                        _shape(actual), note, atol=reshaped.tolerance.atol, mismatched=0, numel=expected.numel(),
-                       line=forward_line(tensor), location=location)
-    hint = diagnose(tensor, result, n=problem.n, values=problem.truth.values)
+                       line=forward_line(tensor, problem.spec), location=location)
+    hint = diagnose(tensor, result, n=problem.n, values=problem.truth.values, spec=problem.spec)
     status = PASS if hint.code == "ok" else FAIL
     return Verdict(
         exercise=exercise, tensor=tensor, status=status, exact=result.exact, approximate=result.approximate,
         maxdiff=result.maxdiff, expected_shape=tuple(expected.shape), actual_shape=_shape(actual),
         diagnosis=hint, atol=result.tolerance.atol, mismatched=result.mismatched, numel=expected.numel(),
-        worst_index=result.worst_index, line=forward_line(tensor), location=location,
+        worst_index=result.worst_index, line=forward_line(tensor, problem.spec), location=location,
     )
 
 
@@ -112,7 +142,7 @@ def unanswered(exercise: str, tensor: str, problem: Problem, status: str, hint: 
     """A verdict for a gradient the user did not produce."""
     return Verdict(exercise=exercise, tensor=tensor, status=status, exact=None, approximate=None, maxdiff=None,
                    expected_shape=tuple(problem.grads[tensor].shape), actual_shape=None, diagnosis=hint,
-                   line=forward_line(tensor), location=location)
+                   line=forward_line(tensor, problem.spec), location=location)
 
 
 def error_message(tensor: str, error: GradientError) -> str:
@@ -153,7 +183,7 @@ def verdicts_for_run(exercise: str, run: RunResult, problem: Problem) -> list[Ve
     statement_level = bool(run.locations) or bool(run.gradient_errors)
     error_reported = statement_level
     answered = {k for k, v in run.grads.items() if v is not None or k in run.overrides}
-    for tensor in EXERCISE_TENSORS[exercise]:
+    for tensor in exercise_tensors(exercise, problem.spec):
         locations = run.locations.get(tensor, ())
         location = locations[0] if locations else None
         also = {"also_at": [f"{loc.describe()}: {loc.source}" for loc in locations[1:4]]} if len(locations) > 1 else {}
@@ -207,12 +237,12 @@ def missing_exercise_verdicts(exercise: str, reason: str, problem: Problem) -> l
 
         missing_exercise_verdicts("ex3", "no Exercise 3 cell found: tag the cell `backprop:ex3`", problem)
     """
-    return [unanswered(exercise, t, problem, SKIP, Diagnosis("missing", reason)) for t in EXERCISE_TENSORS[exercise]]
+    return [unanswered(exercise, t, problem, SKIP, Diagnosis("missing", reason)) for t in exercise_tensors(exercise, problem.spec)]
 
 
 def load_failure_verdicts(exercise: str, message: str, problem: Problem) -> list[Verdict]:
     """Verdicts when the implementation cannot be loaded at all: one error, the rest skipped."""
-    tensors = EXERCISE_TENSORS[exercise]
+    tensors = exercise_tensors(exercise, problem.spec)
     first = unanswered(exercise, tensors[0], problem, ERROR, Diagnosis("exception", message))
     rest = [unanswered(exercise, t, problem, SKIP, Diagnosis("missing", "not run: the implementation could not be loaded"))
             for t in tensors[1:]]

@@ -17,9 +17,10 @@ from typing import Any, Mapping
 
 import torch
 
-from reference_model.model import GRADIENT_ORDER, PARAMETERS, Config
+from reference_model.model import Config
 
 from ..problems.instance import Problem, problem_from_batch
+from ..problems.lecture import GRADIENT_ORDER, PARAMETERS
 from .compare import compare
 
 #: How many rebuilt problems are kept (a notebook re-runs its forward with new values now and then).

@@ -2,13 +2,13 @@
 
 ``check_line(fn, line, values)`` calls ``fn`` (through :mod:`pytest_backprop.usercode.perline`) with a
 random upstream gradient and compares every contribution with
-:func:`reference_model.model.line_vjp` under the tolerance rule (float64 VJP as truth):
+:func:`pytest_backprop.problems.lecture.line_vjp` under the tolerance rule (float64 VJP as truth):
 ``LineCheck.passed``, ``.message()``, ``.verdict()``. Never raises for user errors.
 
 Example::
 
     from reference_model import backward_lines
-    from reference_model.model import LINE_OF
+    from pytest_backprop.problems.lecture import LINE_OF
     fns = line_functions(backward_lines)
     check = check_line(fns["probs"], LINE_OF["probs"], problem.truth.values)
     assert check.passed, check.message()
@@ -22,14 +22,15 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from reference_model.model import LINES, Line, line_vjp
-
+from ..problems.forward import line_vjp
+from ..problems.lecture import LINES
+from ..problems.table import Line
 from ..problems.tolerance import Reference, attach, derive
 from ..usercode.perline import EXERCISE, PREFIX, answer_line, random_upstream
 from ..usercode.run import UserError
 from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Verdict
 from .compare import Comparison, compare
-from .diagnose import diagnose
+from .diagnose import diagnose, hints_for
 
 
 def expected_contributions(line: Line, values: Mapping[str, Any], upstream: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -156,15 +157,16 @@ def check_line(fn: Callable[..., Any] | None, line: Line, values: Mapping[str, A
 
 
 def line_verdicts(functions: Mapping[str, Callable[..., Any]], values: Mapping[str, Any], *, seed: int = 0,
-                  timeout: float | None = None) -> list[Verdict]:
-    """One verdict per line of the table (backward order): ``check_line`` for each, skipped when absent.
+                  timeout: float | None = None, lines: tuple[Line, ...] = LINES) -> list[Verdict]:
+    """One verdict per line of the table (``lines``: the lecture's by default; backward order):
+    ``check_line`` for each, skipped when absent.
 
     Example::
 
         [v.status for v in line_verdicts(line_functions(backward_lines), values)]   # 20 x 'pass'
     """
     return [check_line(functions.get(line.output), line, values, seed=seed, timeout=timeout).verdict()
-            for line in reversed(LINES)]
+            for line in reversed(lines)]
 
 
 def judge_answers(answers: Mapping[str, tuple[Any, UserError | None]], problem: Any) -> list[Verdict]:
@@ -176,8 +178,9 @@ def judge_answers(answers: Mapping[str, tuple[Any, UserError | None]], problem: 
     """
     values = problem.truth.values
     verdicts = []
-    for line in reversed(LINES):
-        ans, err = answers.get(line.output, (None, None))
-        verdicts.append(judge_line(line, values, random_upstream(line, values), ans, err).verdict())
+    with hints_for(problem.spec):
+        for line in reversed(problem.spec.lines):
+            ans, err = answers.get(line.output, (None, None))
+            verdicts.append(judge_line(line, values, random_upstream(line, values), ans, err).verdict())
     return verdicts
 

@@ -39,19 +39,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
 
-from reference_model.model import (
-    LINE_OF,
-    LINES,
-    Config,
-    Line,
-    Truth,
-    forward_expanded,
-    run_line,
-)
+from reference_model.model import Config
 
 from ..judge.compare import compare
 from ..judge.grade import first_wrong, verdicts_for_run
 from ..problems.instance import Problem, problem_from_batch
+from ..problems.lecture import LINE_OF, LINES, Line, Truth, forward_expanded, run_line
 from ..problems.noise import EPS64, FLOAT64_SLACK
 from ..problems.tolerance import Reference, attach, derive
 from ..usercode.scan import function_span, spans_for

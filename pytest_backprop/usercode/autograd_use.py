@@ -10,9 +10,9 @@ import functools
 import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from reference_model.model import GRADIENT_ORDER
+from ..problems.lecture import GRADIENT_ORDER
 
 from ..verdict import Diagnosis
 from .base import RunResult
@@ -85,10 +85,12 @@ def _autograd_message(tensor: str, where: str, line: str | None) -> str:
 
 
 def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
-                   where: Callable[[str, int], str] = lambda f, l: f"{f}:{l}") -> None:
+                   where: Callable[[str, int], str] = lambda f, l: f"{f}:{l}", *,
+                   tensors: Iterable[str] = GRADIENT_ORDER) -> None:
     """Mark answers (and an exception) that come from ``.grad``/``.backward()`` with ``reads_autograd``.
 
-    ``sources`` is [(source text, display name)]; ``where(name, lineno)`` formats a location.
+    ``sources`` is [(source text, display name)]; ``where(name, lineno)`` formats a location;
+    ``tensors`` are the problem's gradient names (the lecture's by default).
 
     Example::
 
@@ -105,7 +107,7 @@ def trace_autograd(run: RunResult, sources: list[tuple[str, str]],
         def at(lineno: int) -> tuple[str, str | None]:
             return where(display, lineno), (src_lines[lineno - 1] if 0 < lineno <= len(src_lines) else None)
 
-        for tensor in GRADIENT_ORDER:
+        for tensor in tensors:
             lineno = use.assigned.get("d" + tensor) or use.cmp_direct.get(tensor) or next(
                 (use.assigned[v] for v, t in use.cmp_vars.items() if t == tensor and v in use.assigned), None)
             if lineno is not None and tensor not in run.overrides:

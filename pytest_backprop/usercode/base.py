@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from reference_model.model import GRADIENT_ORDER
+from ..problems.lecture import GRADIENT_ORDER
 
 from ..problems.instance import Problem
 from ..verdict import Diagnosis, Location
@@ -73,13 +73,14 @@ class CmpRecorder:
     (``cmp('logprobs', dL_dlogprobs, logprobs)``) are checked through the student's own calls.
     """
 
-    def __init__(self, handed_out: Mapping[str, Any]):
+    def __init__(self, handed_out: Mapping[str, Any], tensors: tuple[str, ...] = GRADIENT_ORDER):
+        self.tensors = tensors
         self._by_id = {id(v): k for k, v in handed_out.items() if isinstance(v, torch.Tensor)}
         self.recorded: dict[str, Any] = {}
 
     def __call__(self, s: str, dt: Any, t: Any = None) -> None:
         name = self._by_id.get(id(t)) or (s.strip() if isinstance(s, str) else None)
-        if name in GRADIENT_ORDER:
+        if name in self.tensors:
             self.recorded[name] = dt
 
 
@@ -192,7 +193,7 @@ def namespace_for(problem: Problem) -> tuple[dict[str, Any], dict[str, Any], Cmp
         exec("dlogprobs = -probs", namespace)
     """
     handed_out = problem.cache()
-    recorder = CmpRecorder(handed_out)
+    recorder = CmpRecorder(handed_out, problem.spec.order)
     namespace: dict[str, Any] = {"__name__": "__backprop__", "torch": torch, "F": F, "cmp": recorder}
     namespace.update(problem.globals())
     namespace.update(handed_out)

@@ -58,7 +58,6 @@ from typing import Any, Mapping
 
 import torch
 
-from reference_model.model import LINES
 
 from ..problems.instance import Problem
 from ..verdict import Diagnosis, Location
@@ -512,7 +511,7 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
     from .loaders import load_implementation
 
     try:
-        impl = load_implementation(hello["spec"], Path(hello["rootdir"]))
+        impl = load_implementation(hello["spec"], Path(hello["rootdir"]), hello.get("problem"))
         reply(("ok", {"exercises": tuple(impl.exercises()), "description": impl.description}))
     except LoadError as exc:
         reply(("load_error", str(exc)))
@@ -574,7 +573,8 @@ class WarmChild:
         child.close()
     """
 
-    def __init__(self, spec: str, rootdir: Path, *, startup_timeout: float | None, user: int | str | None = None):
+    def __init__(self, spec: str, rootdir: Path, *, startup_timeout: float | None, user: int | str | None = None,
+                 problem_spec: Any = None):
         self.user = user
         fd, path = tempfile.mkstemp(prefix="backprop-output-")
         os.close(fd)
@@ -606,8 +606,10 @@ class WarmChild:
         self.exercises: tuple[str, ...] | None = None
         self.description: str | None = None
         try:  # the child loads the implementation as soon as it has started; ready() waits for it
-            _write_frame(self._req_w, _request_bytes({"spec": spec, "rootdir": str(rootdir), "sys_path": list(sys.path)}),
-                         self._startup)
+            hello = {"spec": spec, "rootdir": str(rootdir), "sys_path": list(sys.path)}
+            if problem_spec is not None:  # pickled as its origin: the child loads the problem again
+                hello["problem"] = problem_spec
+            _write_frame(self._req_w, _request_bytes(hello), self._startup)
         except (OSError, TimeoutError):
             pass  # it died at once: ready() says so
 
@@ -715,13 +717,15 @@ class IsolatedImplementation(Implementation):
 
     supports_plans = True
 
-    def __init__(self, spec: str, rootdir: Path, timeout: float | None = None, *, user: int | str | None = None):
+    def __init__(self, spec: str, rootdir: Path, timeout: float | None = None, *, user: int | str | None = None,
+                 problem_spec: Any = None):
         from .loaders import find_file
 
         found = find_file(spec, Path(rootdir))  # a missing file is a LoadError here: no process started
         self.spec = str(found.resolve()) if found is not None else spec
         self.rootdir = Path(rootdir)
         self.user = user
+        self.problem_spec = problem_spec  # None: the lecture's
         self.deaths = 0
         self._programs: dict[str, Any] = {}  # exercise -> the program as its source says (never run here)
         self._child: WarmChild | None = self._start(timeout)
@@ -729,10 +733,10 @@ class IsolatedImplementation(Implementation):
         self.description = f"{self._child.description} (isolated)"
 
     def _start(self, timeout: float | None) -> WarmChild:
-        child = _EARLY.pop((self.spec, str(self.rootdir), self.user), None)
+        child = _EARLY.pop((self.spec, str(self.rootdir), self.user, _problem_key(self.problem_spec)), None)
         if child is None or not child.alive:
             child = WarmChild(self.spec, self.rootdir, startup_timeout=(timeout + STARTUP_GRACE) if timeout else None,
-                              user=self.user)
+                              user=self.user, problem_spec=self.problem_spec)
         child.ready()
         return child
 
@@ -785,7 +789,7 @@ class IsolatedImplementation(Implementation):
         from .program import Plan
 
         if exercise not in self._programs:
-            self._programs[exercise] = static_program(self.spec, self.rootdir, exercise)
+            self._programs[exercise] = static_program(self.spec, self.rootdir, exercise, self.problem_spec)
         program = self._programs[exercise]
         if program is None:
             return kwargs
@@ -812,7 +816,7 @@ class IsolatedImplementation(Implementation):
             if status == "ok" and isinstance(data, dict):
                 return data
             answer = UserError("InternalError", f"the child process failed outside your code:\n{data}")
-        return {line.output: (None, answer) for line in LINES}
+        return {line.output: (None, answer) for line in problem.spec.lines}
 
     def close(self) -> None:
         """End the child and everything it started (also done by :func:`close_all`)."""
@@ -821,10 +825,15 @@ class IsolatedImplementation(Implementation):
             self._child = None
 
 
-_EARLY: dict[tuple[str, str, Any], WarmChild] = {}
+_EARLY: dict[tuple[str, str, Any, str | None], WarmChild] = {}
 
 
-def start_early(spec: str, rootdir: Path, *, timeout: float | None = None, user: int | str | None = None) -> None:
+def _problem_key(problem_spec: Any) -> str | None:
+    return getattr(problem_spec, "origin", None)
+
+
+def start_early(spec: str, rootdir: Path, *, timeout: float | None = None, user: int | str | None = None,
+                problem_spec: Any = None) -> None:
     """Start the child for ``spec`` now, without waiting: it imports torch and loads the submission
     while pytest goes on (configuring, collecting); the :class:`IsolatedImplementation` made later for
     the same submission takes it over. Never raises (making the implementation reports any error).
@@ -837,16 +846,16 @@ def start_early(spec: str, rootdir: Path, *, timeout: float | None = None, user:
 
     try:
         found = find_file(spec, Path(rootdir))
-        key = (str(found.resolve()) if found is not None else spec, str(rootdir), user)
+        key = (str(found.resolve()) if found is not None else spec, str(rootdir), user, _problem_key(problem_spec))
         if key not in _EARLY:
             _EARLY[key] = WarmChild(key[0], Path(rootdir), startup_timeout=(timeout + STARTUP_GRACE) if timeout else None,
-                                    user=user)
+                                    user=user, problem_spec=problem_spec)
     except (LoadError, OSError):
         pass
 
 
 def load_submission(spec: str, rootdir: Path, *, isolate: bool, timeout: float | None = None,
-                    user: int | str | None = None) -> Implementation:
+                    user: int | str | None = None, problem_spec: Any = None) -> Implementation:
     """The implementation of ``spec`` as the kit runs it: in-process, or isolated in a warm child.
 
     Raises :class:`~pytest_backprop.usercode.base.LoadError` when it cannot be loaded.
@@ -856,9 +865,9 @@ def load_submission(spec: str, rootdir: Path, *, isolate: bool, timeout: float |
         impl = load_submission("homework.py", Path.cwd(), isolate=True, timeout=60)
     """
     if isolate:
-        return IsolatedImplementation(spec, rootdir, timeout, user=user)
+        return IsolatedImplementation(spec, rootdir, timeout, user=user, problem_spec=problem_spec)
     if user is not None:
         raise LoadError("--backprop-isolate-user needs --backprop-isolate")
     from .loaders import load_implementation
 
-    return load_implementation(spec, rootdir)
+    return load_implementation(spec, rootdir, problem_spec)

@@ -26,6 +26,8 @@ import ast
 import sys
 from pathlib import Path
 
+from ..problems.lecture import LECTURE
+from ..problems.spec import ProblemSpec
 from .base import EXERCISE_FUNCTIONS, Implementation, LoadError, SourceSpan, display_path
 from .modules import ModuleImplementation, ScriptImplementation
 
@@ -56,10 +58,12 @@ def find_file(spec: str, rootdir: Path) -> Path | None:
     return path
 
 
-def load_implementation(spec: str, rootdir: Path) -> Implementation:
+def load_implementation(spec: str, rootdir: Path, problem_spec: "ProblemSpec | None" = None) -> Implementation:
     """Resolve ``--backprop-impl``: a file path (script, module or notebook) or a dotted module name.
 
-    Relative paths are tried against the current directory, then the rootdir.
+    Relative paths are tried against the current directory, then the rootdir. ``problem_spec`` is
+    the problem it answers (``--backprop-problem``; default the lecture's): its gradient names are
+    the ``d<name>`` variables and ``backward_<output>`` functions looked for.
 
     Example::
 
@@ -70,37 +74,39 @@ def load_implementation(spec: str, rootdir: Path) -> Implementation:
     if path is None:
         if str(rootdir) not in sys.path:
             sys.path.insert(0, str(rootdir))
-        return module_implementation(spec)
+        return module_implementation(spec, problem_spec=problem_spec)
     path = path.resolve()
     if path.suffix == ".ipynb":
         from .notebook import NotebookImplementation  # noqa: PLC0415 -- optional form, loaded when used
 
-        return NotebookImplementation(path)
+        return NotebookImplementation(path, problem_spec)
     if defines_functions(path):
-        return module_implementation(spec, path)
-    script = ScriptImplementation(path)
+        return module_implementation(spec, path, problem_spec=problem_spec)
+    script = ScriptImplementation(path, problem_spec or LECTURE)
     if any(line.startswith(("# %%", "#%%")) for line in script.source.splitlines()):
         from .notebook import NotebookImplementation  # noqa: PLC0415
 
-        return NotebookImplementation.from_script(path)  # cells: Exercises 2 and 3 found like a notebook's
+        return NotebookImplementation.from_script(path, problem_spec)  # cells: Exercises 2 and 3 found like a notebook's
     return script
 
 
 
-def module_implementation(spec: str, path: Path | None = None) -> "ModuleImplementation":
+def module_implementation(spec: str, path: Path | None = None, *,
+                          problem_spec: "ProblemSpec | None" = None) -> "ModuleImplementation":
     """A module's implementation: per-line when it has ``backward_<output>`` functions and no ``backward``.
 
     Example::
 
         module_implementation("reference_model.backward_lines").exercises()   # ('ex1', 'lines')
     """
-    impl = ModuleImplementation(spec, path)
+    problem_spec = problem_spec or LECTURE
+    impl = ModuleImplementation(spec, path, problem_spec)
     from .perline import line_functions  # noqa: PLC0415 -- perline imports this module
 
-    if not hasattr(impl.module, "backward") and line_functions(impl.module):
+    if not hasattr(impl.module, "backward") and line_functions(impl.module, problem_spec):
         from .perline import LinesImplementation  # noqa: PLC0415
 
-        return LinesImplementation(impl)
+        return LinesImplementation(impl, problem_spec)
     return impl
 
 
@@ -135,7 +141,8 @@ def static_source_spans(spec: str, rootdir: Path) -> list[SourceSpan]:
     return [SourceSpan(text, display_path(path))]
 
 
-def static_program(spec: str, rootdir: Path, exercise: str) -> "Program | None":
+def static_program(spec: str, rootdir: Path, exercise: str, problem_spec: "ProblemSpec | None" = None
+                   ) -> "Program | None":
     """The program an implementation runs for ``exercise``, built from its source without running any
     of it (a module is not imported): what the grader's process knows of code it runs in a child.
     None for forms without statements (per-line modules) or when the source cannot be read.
@@ -157,16 +164,16 @@ def static_program(spec: str, rootdir: Path, exercise: str) -> "Program | None":
         if path is None:
             return None
         if path.suffix == ".ipynb":
-            notebook = NotebookImplementation(path)
+            notebook = NotebookImplementation(path, problem_spec)
             return notebook.program(exercise) if exercise in notebook.exercises() else None
         text = path.read_text()
         if any(line.startswith(("# %%", "#%%")) for line in text.splitlines()):
-            notebook = NotebookImplementation.from_script(path)
+            notebook = NotebookImplementation.from_script(path, problem_spec)
             return notebook.program(exercise) if exercise in notebook.exercises() else None
         if exercise != "ex1":
             return None
         if defines_functions(path):
-            return backward_program(text, str(path))
-        return ScriptImplementation(path).program
+            return backward_program(text, str(path), problem_spec=problem_spec or LECTURE)
+        return ScriptImplementation(path, problem_spec or LECTURE).program
     except (LoadError, OSError, ImportError, ValueError, SyntaxError):
         return None

@@ -12,7 +12,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
 
-from reference_model.model import GRADIENT_ORDER
+from ..problems.lecture import GRADIENT_ORDER, LECTURE
+from ..problems.spec import ProblemSpec
 
 from ..problems.instance import Problem
 from ..verdict import Diagnosis
@@ -42,8 +43,9 @@ class ScriptImplementation(Implementation):
 
     supports_plans = True
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, problem_spec: ProblemSpec = LECTURE):
         self.path = path
+        self.problem_spec = problem_spec
         self.description = f"script {display_path(path)}"
         try:
             self.source = path.read_text()
@@ -51,7 +53,7 @@ class ScriptImplementation(Implementation):
             raise LoadError(f"cannot load {display_path(path)}: {exc}") from exc
         span = SourceSpan(self.source, display_path(path))
         unit = UnitSource(self.source, span, str(path))
-        self.program = Program([unit], GRADIENT_ORDER)
+        self.program = Program([unit], problem_spec.order)
         error = self.program.units[0].syntax_error
         if error is not None:
             raise LoadError(f"cannot load {display_path(path)}: {error.describe().replace('your code raised ', '')}")
@@ -69,7 +71,7 @@ class ScriptImplementation(Implementation):
         outcome = self.program.run(namespace, plan, timeout=timeout, locate=self._locate)
         result = collect(self.program, outcome, namespace, handed_out, recorder.recorded)
         result.warnings += rebinding_warnings(self.program, namespace, handed_out, problem.truth.values)
-        trace_autograd(result, [(self.source, display_path(self.path))])
+        trace_autograd(result, [(self.source, display_path(self.path))], tensors=problem.spec.order)
         return result
 
 
@@ -83,8 +85,9 @@ class ModuleImplementation(Implementation):
 
     supports_plans = True
 
-    def __init__(self, spec: str, path: Path | None = None):
+    def __init__(self, spec: str, path: Path | None = None, problem_spec: ProblemSpec = LECTURE):
         self.spec, self.path = spec, path
+        self.problem_spec = problem_spec
         self.description = f"module {display_path(path) if path else spec}"
         self.module = self._load()  # load once now, so that import errors surface early
         self._program: Program | None | bool = False
@@ -117,7 +120,7 @@ class ModuleImplementation(Implementation):
         if self._program is False:
             sources = self._sources()
             plain = inspect.isfunction(getattr(self.module, "backward", None))
-            self._program = backward_program(*sources[0]) if sources and plain else None
+            self._program = backward_program(*sources[0], problem_spec=self.problem_spec) if sources and plain else None
         return self._program
 
     def run(self, exercise: str, problem: Problem, timeout: float | None, *, plan: Plan | None = None) -> RunResult:
@@ -136,7 +139,7 @@ class ModuleImplementation(Implementation):
         if exc is None and not isinstance(result, Mapping):
             return RunResult({}, UserError("TypeError", f"backward(cache) returned {type(result).__name__}; "
                                                         "expected a dict {tensor name: gradient}"))
-        grads, key_warnings = gradients_by_name(result or {})
+        grads, key_warnings = gradients_by_name(result or {}, problem.spec.order)
         if hook is not None:
             values = {"d" + t: v for t, v in grads.items()} if exc is None else dict(hook.outcome.frame_locals)
             run = collect(program, hook.outcome, values, {})
@@ -145,7 +148,7 @@ class ModuleImplementation(Implementation):
         else:
             run = RunResult(grads, self._locate(exc) if exc else None)
         run.warnings += key_warnings + forward_watch(handed_out, handed_out, problem.truth.values)
-        trace_autograd(run, self._sources())
+        trace_autograd(run, self._sources(), tensors=problem.spec.order)
         return run
 
     def _run_fused(self, exercise: str, problem: Problem, handed_out: dict[str, Any], timeout: float | None) -> RunResult:
@@ -172,7 +175,7 @@ class ModuleImplementation(Implementation):
             return []
 
 
-def backward_program(text: str, file: str) -> Program | None:
+def backward_program(text: str, file: str, *, problem_spec: ProblemSpec = LECTURE) -> Program | None:
     """The body of the ``backward`` function defined in ``text`` as a program, analysed and compiled
     without running anything (None when there is no such function).
 
@@ -181,11 +184,11 @@ def backward_program(text: str, file: str) -> Program | None:
         backward_program("def backward(cache):\n    dprobs = -cache['probs']\n    return {'probs': dprobs}", "m.py")
     """
     unit = UnitSource(text, SourceSpan(text, display_path(file)), file, function="backward")
-    program = Program([unit], GRADIENT_ORDER, extra_names=returned_names(text, "backward"))
+    program = Program([unit], problem_spec.order, extra_names=returned_names(text, "backward", problem_spec.order))
     return program if program.statements and program.units[0].code is not None else None
 
 
-def returned_names(source: str, function: str) -> dict[str, str]:
+def returned_names(source: str, function: str, tensors: tuple[str, ...] = GRADIENT_ORDER) -> dict[str, str]:
     """``{variable: tensor}`` from the dict literal a function returns (``return {"probs": dP, ...}``).
 
     Example::
@@ -202,25 +205,27 @@ def returned_names(source: str, function: str) -> dict[str, str]:
         if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict):
             for key, value in zip(node.value.keys, node.value.values):
                 if isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(value, ast.Name):
-                    name = key.value[1:] if key.value not in GRADIENT_ORDER and key.value[1:] in GRADIENT_ORDER else key.value
-                    if name in GRADIENT_ORDER:
+                    name = key.value[1:] if key.value not in tensors and key.value[1:] in tensors else key.value
+                    if name in tensors:
                         out[value.id] = name
     return out
 
 
-def gradients_by_name(result: Mapping[Any, Any]) -> tuple[dict[str, Any], list[Diagnosis]]:
+def gradients_by_name(result: Mapping[Any, Any], tensors: tuple[str, ...] = GRADIENT_ORDER
+                      ) -> tuple[dict[str, Any], list[Diagnosis]]:
     """The gradients in what ``backward(cache)`` returned, keyed ``probs`` or ``dprobs``; a warning
-    (with a did-you-mean) for every key that names no tensor of the forward pass."""
+    (with a did-you-mean) for every key that names no tensor of the forward pass (``tensors``: the
+    problem's gradient names, the lecture's by default)."""
     import difflib
 
     grads: dict[str, Any] = {}
     warnings: list[Diagnosis] = []
     for key, value in result.items():
-        name = key[1:] if isinstance(key, str) and key not in GRADIENT_ORDER and key[1:] in GRADIENT_ORDER else key
-        if name in GRADIENT_ORDER:
+        name = key[1:] if isinstance(key, str) and key not in tensors and key[1:] in tensors else key
+        if name in tensors:
             grads[name] = value
             continue
-        close = difflib.get_close_matches(str(key), GRADIENT_ORDER, n=1)
+        close = difflib.get_close_matches(str(key), tensors, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         warnings.append(Diagnosis("unknown_key", f"backward(cache) returned a gradient under {key!r}, which is no "
                                                  f"tensor of the forward pass{hint}; it was not checked"))

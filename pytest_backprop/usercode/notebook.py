@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reference_model.model import CONSTANTS, GRADIENT_ORDER, PARAMETERS
+from ..problems.lecture import CONSTANTS, GRADIENT_ORDER, PARAMETERS
 
 from ..problems.instance import Problem
 from .autograd_use import trace_autograd
@@ -81,6 +81,33 @@ FUSED: dict[str, tuple[str, frozenset[str]]] = {
     "ex3": ("hprebn", frozenset(t for t in GRADIENT_ORDER[GRADIENT_ORDER.index("hpreact") + 1:GRADIENT_ORDER.index("hprebn")]
                                 if t not in PARAMETERS)),
 }
+
+
+@dataclass(frozen=True)
+class NotebookNames:
+    """What detection and runs read of the problem: its gradient names, the names the kit supplies,
+    the fused exercises (the lecture's Exercises 2 and 3; none for another problem) and the exercises."""
+
+    tensors: tuple[str, ...] = GRADIENT_ORDER
+    supplied: frozenset[str] = SUPPLIED
+    fused: Any = None  # None: FUSED (the lecture's)
+    exercises: tuple[str, ...] = EXERCISES
+
+    @classmethod
+    def of(cls, problem_spec: Any = None) -> "NotebookNames":
+        """The lecture's names (``problem_spec`` None or the lecture's), or another problem's (``--backprop-problem``)."""
+        if problem_spec is None or tuple(problem_spec.order) == GRADIENT_ORDER:
+            return LECTURE_NAMES
+        supplied = frozenset({*problem_spec.order, *problem_spec.leaves, *problem_spec.constants, problem_spec.loss,
+                              *problem_spec.sizes, "torch", "F", "cmp"})
+        return cls(tuple(problem_spec.order), supplied, {}, ("ex1",))
+
+    @property
+    def fused_exercises(self) -> dict[str, tuple[str, frozenset[str]]]:
+        return FUSED if self.fused is None else self.fused
+
+
+LECTURE_NAMES = NotebookNames()
 
 
 #: What a fused exercise's cell may write besides its target without being Exercise 1's too: a bridging
@@ -196,7 +223,7 @@ def magic_tags(raw: str) -> frozenset[str]:
     return frozenset(TAG_PREFIX + w for w in match.group(1).split() if w in EXERCISES)
 
 
-def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
+def parse_cell(index: int, raw: str, tags: frozenset[str], tensors: tuple[str, ...] = GRADIENT_ORDER) -> Cell:
     """Parse one code cell and record what it binds, reads and passes to ``cmp``.
 
     Example::
@@ -209,7 +236,7 @@ def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
     except (SyntaxError, ValueError) as exc:
         cell.syntax_error = exc if isinstance(exc, SyntaxError) else SyntaxError(str(exc))
         cell.stores = set(_ASSIGN_TEXT.findall(cell.source))
-        cell.cmp_tensors = {t for t in GRADIENT_ORDER if re.search(rf"cmp\([^)]*\b{t}\s*\)", cell.source)}
+        cell.cmp_tensors = {t for t in tensors if re.search(rf"cmp\([^)]*\b{t}\s*\)", cell.source)}
         return cell
     for node in ast.walk(cell.tree):
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
@@ -223,9 +250,9 @@ def parse_cell(index: int, raw: str, tags: frozenset[str]) -> Cell:
             cell.loads.add(node.id)
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_"):
             cell.stores.update(bound_names(node.func.value))
-    cell.cmp_tensors = set(cmp_names(cell.tree, GRADIENT_ORDER).values()) | {
+    cell.cmp_tensors = set(cmp_names(cell.tree, tensors).values()) | {
         n.args[2].id for n in ast.walk(cell.tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-        and n.func.id == "cmp" and len(n.args) >= 3 and isinstance(n.args[2], ast.Name) and n.args[2].id in GRADIENT_ORDER}
+        and n.func.id == "cmp" and len(n.args) >= 3 and isinstance(n.args[2], ast.Name) and n.args[2].id in tensors}
     cell.training = _is_training(cell.tree)
     return cell
 
@@ -240,22 +267,24 @@ class Detection:
     reasons: dict[str, str]
 
 
-def _gradient_vars(cells: list[Cell]) -> dict[str, str]:
-    names = {"d" + t: t for t in GRADIENT_ORDER}
+def _gradient_vars(cells: list[Cell], tensors: tuple[str, ...] = GRADIENT_ORDER) -> dict[str, str]:
+    names = {"d" + t: t for t in tensors}
     for cell in cells:
         if cell.tree is not None:
-            names.update(cmp_names(cell.tree, GRADIENT_ORDER))
+            names.update(cmp_names(cell.tree, tensors))
     return names
 
 
-def classify(cells: list[Cell], *, where: str = "the notebook") -> Detection:
+def classify(cells: list[Cell], *, where: str = "the notebook", names: NotebookNames | None = None) -> Detection:
     """Which cells belong to which exercise (tags first, then the rule of the module docstring).
 
     Example::
 
         classify(cells).cells["ex2"]   # [the cell computing dlogits with F.softmax]
     """
-    variables = _gradient_vars(cells)
+    names = names or LECTURE_NAMES
+    fused_exercises = names.fused_exercises
+    variables = _gradient_vars(cells, names.tensors)
     usable = [c for c in cells if TAG_PREFIX + "skip" not in c.tags and (c.source.strip() or c.syntax_error)]
 
     def grads(names: set[str]) -> set[str]:
@@ -263,45 +292,48 @@ def classify(cells: list[Cell], *, where: str = "the notebook") -> Detection:
 
     def fused(cell: Cell) -> str | None:
         written, read = grads(cell.stores), grads(cell.loads)
-        for exercise, (target, chain) in FUSED.items():
+        for exercise, (target, chain) in fused_exercises.items():
             if target in written and not (written | read) & chain:
                 return exercise
         return None
 
     untagged = [c for c in usable if not any(t.startswith(TAG_PREFIX) for t in c.tags) and not c.training]
-    found: dict[str, list[Cell]] = {ex: [] for ex in EXERCISES}
+    found: dict[str, list[Cell]] = {ex: [] for ex in names.exercises}
     for cell in untagged:
         if grads(cell.stores) or cell.cmp_tensors:
             exercise = fused(cell)
             found[exercise or "ex1"].append(cell)
             if exercise is not None and grads(cell.stores) - FUSED_COMPANIONS[exercise]:
                 found["ex1"].append(cell)  # the fused formula, and the rest of the backward from it: Exercise 1 too
-    chosen = {ex: [c for c in usable if c.tagged(ex)] or found[ex] for ex in EXERCISES}
+    chosen = {ex: [c for c in usable if c.tagged(ex)] or found[ex] for ex in names.exercises}
     taken = {c.index for cs in chosen.values() for c in cs}
     support: dict[str, list[Cell]] = {}
     for exercise, mine in chosen.items():
-        support[exercise] = _support_cells(mine, [c for c in untagged if c.index not in taken], variables)
+        support[exercise] = _support_cells(mine, [c for c in untagged if c.index not in taken], variables,
+                                           names.supplied)
     reasons = {ex: (f"no Exercise {ex[2:]} cell found in {where}: tag the cell `{TAG_PREFIX}{ex}` "
-                    "(cell tags), or write it as the lecture does" + (f" (it assigns `d{FUSED[ex][0]}`)" if ex in FUSED else ""))
-               for ex in EXERCISES if not chosen[ex]}
+                    "(cell tags), or write it as the lecture does" + (f" (it assigns `d{fused_exercises[ex][0]}`)"
+                                                                     if ex in fused_exercises else ""))
+               for ex in names.exercises if not chosen[ex]}
     return Detection(chosen, support, reasons)
 
 
 _BUILTINS = frozenset(dir(__import__("builtins")))
 
 
-def _support_cells(exercise_cells: list[Cell], others: list[Cell], variables: dict[str, str]) -> list[Cell]:
+def _support_cells(exercise_cells: list[Cell], others: list[Cell], variables: dict[str, str],
+                   supplied: frozenset[str] = SUPPLIED) -> list[Cell]:
     """Cells that define names the exercise's cells read (and that write nothing the kit supplies)."""
     if not exercise_cells:
         return []
-    candidates = [c for c in others if c.tree is not None and not (c.stores & SUPPLIED)
+    candidates = [c for c in others if c.tree is not None and not (c.stores & supplied)
                   and not (c.stores & set(variables))]
     own = set().union(*(c.stores for c in exercise_cells))
     chosen: dict[int, Cell] = {}
     pending = [(c.index, c.loads - own) for c in exercise_cells]
     while pending:
         before, needed = pending.pop()
-        for name in needed - SUPPLIED - _BUILTINS:
+        for name in needed - supplied - _BUILTINS:
             provider = [c for c in candidates if name in c.stores and c.index < before]
             if provider and provider[-1].index not in chosen:
                 chosen[provider[-1].index] = provider[-1]
@@ -426,8 +458,10 @@ class NotebookImplementation(Implementation):
     """A ``.ipynb`` notebook (or a ``# %%`` script): each exercise runs its own cells in a fresh namespace."""
 
     supports_plans = True
+    names: NotebookNames = LECTURE_NAMES
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, problem_spec: Any = None):
+        self.names = NotebookNames.of(problem_spec)
         try:
             import nbformat  # noqa: PLC0415 -- only needed for notebooks
         except ImportError as exc:  # pragma: no cover
@@ -438,20 +472,21 @@ class NotebookImplementation(Implementation):
             nb = nbformat.read(str(path), as_version=4)
         except Exception as exc:  # noqa: BLE001 -- nbformat raises many kinds for a broken file
             raise LoadError(f"cannot read notebook {path}: {exc}") from exc
-        self._setup([parse_cell(i, c.get("source", ""), frozenset(c.get("metadata", {}).get("tags", [])))
+        self._setup([parse_cell(i, c.get("source", ""), frozenset(c.get("metadata", {}).get("tags", [])),
+                                self.names.tensors)
                      for i, c in enumerate(nb.cells, start=1) if c.get("cell_type") == "code"])
 
     def _setup(self, cells: list[Cell]) -> None:
         self.cells = cells
-        self.detection = classify(cells, where=display_path(self.path))
+        self.detection = classify(cells, where=display_path(self.path), names=self.names)
         self._by_file = {c.filename: c for c in self.cells}
         self._programs: dict[str, Program] = {}
         #: the student's renamed gradient variables, from the cmp calls of every cell
-        self._renamed = {v: t for v, t in _gradient_vars(cells).items() if v != "d" + t}
+        self._renamed = {v: t for v, t in _gradient_vars(cells, self.names.tensors).items() if v != "d" + t}
 
     @classmethod
     def from_cells(cls, sources: list[str], name: str = "notebook", *,
-                   tags: list[frozenset[str]] | None = None) -> "NotebookImplementation":
+                   tags: list[frozenset[str]] | None = None, problem_spec: Any = None) -> "NotebookImplementation":
         """A notebook given as the sources of its code cells, in order (e.g. a kernel's input history):
         cell N is ``sources[N - 1]``.
 
@@ -461,14 +496,16 @@ class NotebookImplementation(Implementation):
             impl.cells_of("ex1")   # [1]
         """
         self = cls.__new__(cls)
+        self.names = NotebookNames.of(problem_spec)
         self.path = Path(name)
         self.description = f"notebook {name}"
         tags = tags or [frozenset()] * len(sources)
-        self._setup([parse_cell(i, source, t) for i, (source, t) in enumerate(zip(sources, tags), start=1)])
+        self._setup([parse_cell(i, source, t, self.names.tensors)
+                     for i, (source, t) in enumerate(zip(sources, tags), start=1)])
         return self
 
     @classmethod
-    def from_script(cls, path: Path) -> "NotebookImplementation":
+    def from_script(cls, path: Path, problem_spec: Any = None) -> "NotebookImplementation":
         """A ``.py`` script split into cells by ``# %%`` markers (VS Code, Jupytext's percent format);
         a marker line may carry tags: ``# %% [backprop:ex2]``. Locations are ``file:line``.
 
@@ -477,6 +514,7 @@ class NotebookImplementation(Implementation):
             impl = NotebookImplementation.from_script(Path("ninja.py"))
         """
         self = cls.__new__(cls)
+        self.names = NotebookNames.of(problem_spec)
         self.path = path
         self.description = f"script {display_path(path)} (cells)"
         try:
@@ -488,7 +526,7 @@ class NotebookImplementation(Implementation):
         for i, line in enumerate([*lines, "# %%"]):
             if CELL_MARKER.match(line):
                 if i > start and "".join(lines[start:i]).strip():
-                    cell = parse_cell(index, "\n".join(lines[start:i]), tags)
+                    cell = parse_cell(index, "\n".join(lines[start:i]), tags, self.names.tensors)
                     cell.origin, cell.offset = display_path(path), start
                     cells.append(cell)
                     index += 1
@@ -512,7 +550,7 @@ class NotebookImplementation(Implementation):
         return sorted(c.index for c in cells)
 
     def exercises(self) -> tuple[str, ...]:
-        return tuple(ex for ex in EXERCISES if self.detection.cells[ex])
+        return tuple(ex for ex in self.names.exercises if self.detection.cells[ex])
 
     def missing_reason(self, exercise: str) -> str | None:
         """Why ``exercise`` has no cell (None when it has)."""
@@ -528,7 +566,7 @@ class NotebookImplementation(Implementation):
             cells = sorted(self.detection.cells[exercise] + self.detection.support[exercise], key=lambda c: c.index)
             units = [UnitSource(c.source, c.span(self.path), c.filename, syntax_error=self._syntax_error(c),
                                 assigned_text=frozenset(c.stores) if c.syntax_error else frozenset()) for c in cells]
-            self._programs[exercise] = Program(units, GRADIENT_ORDER, extra_names=self._renamed)
+            self._programs[exercise] = Program(units, self.names.tensors, extra_names=self._renamed)
         return self._programs[exercise]
 
     def _syntax_error(self, cell: Cell) -> UserError | None:
@@ -576,7 +614,7 @@ class NotebookImplementation(Implementation):
             call_user(lambda m=module: exec(compile(m, "<backprop earlier definitions>", "exec"), namespace), timeout)
         plan = with_truths(plan, program, problem.grads)
         outcome = program.run(namespace, plan, timeout=timeout, locate=self._locate)
-        tensors = GRADIENT_ORDER if target is None else (target,)
+        tensors = self.names.tensors if target is None else (target,)
         result = collect(program, outcome, namespace, handed_out, recorder.recorded, tensors=tensors)
         result.warnings += rebinding_warnings(program, namespace, handed_out, problem.truth.values)
         by_name = {c.name: c for c in self.cells}

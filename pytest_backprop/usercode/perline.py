@@ -1,7 +1,7 @@
 """Per-line backward functions: check each line of the forward pass on its own, and chain them.
 
 A per-line implementation is a module with functions ``backward_<output>`` for lines of
-:data:`reference_model.model.LINES`, e.g. ``backward_probs(dprobs, counts, counts_sum_inv)``.
+:data:`pytest_backprop.problems.lecture.LINES`, e.g. ``backward_probs(dprobs, counts, counts_sum_inv)``.
 Arguments are injected by parameter name (like pytest fixtures) from: the upstream gradient
 ``d<output>``, the line's inputs, its output, and the constants ``n``, ``Xb``, ``Yb``. A function
 returns ``{input name: contribution}`` (keys ``counts`` or ``dcounts`` both work), or a bare tensor
@@ -26,7 +26,7 @@ Public API (small on purpose; :mod:`pytest_backprop.judge.lines` and :mod:`pytes
 Example::
 
     from reference_model import backward_lines
-    from reference_model.model import LINE_OF
+    from pytest_backprop.problems.lecture import LINE_OF
     fns = line_functions(backward_lines)
     check = check_line(fns["probs"], LINE_OF["probs"], problem.truth.values)
     assert check.passed, check.message()
@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import linecache
 import time
+import zlib
 from typing import Any, Callable, Mapping
 
 import torch
 
-from reference_model.model import LINE_OF, LINES, Line
+from ..problems.lecture import LECTURE, LINES
+from ..problems.spec import ProblemSpec
+from ..problems.table import Line
 
 from .autograd_use import trace_autograd
 from .base import Implementation, RunResult, SourceSpan, inject
@@ -56,8 +59,9 @@ class LineAnswerError(TypeError):
     """A per-line function returned something the kit cannot use (wrong type or keys)."""
 
 
-def line_functions(source: Any) -> dict[str, Callable[..., Any]]:
-    """The ``backward_<output>`` callables of ``source`` (module, dict or object), keyed by output.
+def line_functions(source: Any, spec: ProblemSpec = LECTURE) -> dict[str, Callable[..., Any]]:
+    """The ``backward_<output>`` callables of ``source`` (module, dict or object), keyed by output,
+    for the lines of the problem ``spec`` (the lecture's by default).
 
     Example::
 
@@ -66,9 +70,9 @@ def line_functions(source: Any) -> dict[str, Callable[..., Any]]:
     items = source.items() if isinstance(source, Mapping) else ((k, getattr(source, k, None)) for k in dir(source))
     found = {}
     for name, fn in items:
-        if isinstance(name, str) and name.startswith(PREFIX) and callable(fn) and name[len(PREFIX):] in LINE_OF:
+        if isinstance(name, str) and name.startswith(PREFIX) and callable(fn) and name[len(PREFIX):] in spec.line_of:
             found[name[len(PREFIX):]] = fn
-    return {line.output: found[line.output] for line in LINES if line.output in found}
+    return {line.output: found[line.output] for line in spec.lines if line.output in found}
 
 
 def _fresh(value: Any) -> Any:
@@ -76,13 +80,14 @@ def _fresh(value: Any) -> Any:
 
 
 def injectable(line: Line, values: Mapping[str, Any], upstream: Any) -> dict[str, Any]:
-    """What a per-line function may ask for: fresh copies of the inputs, output and constants, and ``d<output>``.
+    """What a per-line function may ask for: fresh copies of the inputs, output and constants (those the
+    line reads, and the lecture's n, Xb, Yb), and ``d<output>``.
 
     Example::
 
         injectable(LINE_OF["h"], values, dh).keys()   # hpreact, h, n, Xb, Yb, dh
     """
-    names = (*line.inputs, line.output, "n", "Xb", "Yb")
+    names = (*line.inputs, line.output, *line.constants, "n", "Xb", "Yb")
     available = {k: _fresh(values[k]) for k in names if k in values}
     if "n" not in available and "Xb" in values:
         available["n"] = int(values["Xb"].shape[0])
@@ -137,7 +142,9 @@ def random_upstream(line: Line, values: Mapping[str, Any], seed: int = 0) -> tor
     like = values[line.output] if line.output in values else None
     shape = tuple(like.shape) if like is not None else ()
     dtype = like.dtype if like is not None else torch.float32
-    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + [l.output for l in LINES].index(line.output))
+    outputs = [l.output for l in LINES]
+    index = outputs.index(line.output) if line.output in outputs else zlib.crc32(line.output.encode()) % 1_000_000
+    g = torch.Generator().manual_seed(1_000_003 * (seed + 1) + index)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
 
 
@@ -176,8 +183,10 @@ def _accumulate(total: Any, part: Any) -> Any:
 
 
 def chain(functions: Mapping[str, Callable[..., Any]], values: Mapping[str, Any], *,
-          timeout: float | None = None, substitute: Mapping[str, Any] | None = None) -> RunResult:
-    """The full backward from per-line functions: ``dloss = 1``, then every line in reverse order.
+          timeout: float | None = None, substitute: Mapping[str, Any] | None = None,
+          lines: tuple[Line, ...] = LINES) -> RunResult:
+    """The full backward from per-line functions: ``dloss = 1``, then every line of ``lines`` (the
+    lecture's by default) in reverse order.
 
     A tensor read by two lines (counts, logits, bndiff, hprebn) gets the sum of both contributions;
     it gets a gradient only when every line that reads it contributed. The first exception becomes
@@ -197,7 +206,7 @@ def chain(functions: Mapping[str, Callable[..., Any]], values: Mapping[str, Any]
     deadline = time.monotonic() + timeout if timeout else None
     substitute = substitute or {}
     used: set[str] = set()
-    for line in reversed(LINES):
+    for line in reversed(lines):
         if line.output in substitute:  # independent grading: the true gradient flows on from here
             partial[line.output] = substitute[line.output].detach().clone()
             broken.discard(line.output)
@@ -239,11 +248,12 @@ class LinesImplementation(Implementation):
 
     supports_plans = True
 
-    def __init__(self, module_impl: Any):
+    def __init__(self, module_impl: Any, problem_spec: ProblemSpec = LECTURE):
         self.inner = module_impl
         self.module = module_impl.module
         self.description = f"per-line module {module_impl.spec}"
-        self.functions = line_functions(self.module)
+        self.problem_spec = problem_spec
+        self.functions = line_functions(self.module, problem_spec)
 
     def exercises(self) -> tuple[str, ...]:
         return ("ex1", *(ex for ex in self.inner.exercises() if ex in ("ex2", "ex3")), EXERCISE)
@@ -256,7 +266,7 @@ class LinesImplementation(Implementation):
         values = problem.truth.values
         deadline = time.monotonic() + timeout if timeout else None
         out = {}
-        for line in reversed(LINES):
+        for line in reversed(problem.spec.lines):
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             out[line.output] = answer_line(self.functions.get(line.output), line, values,
                                            random_upstream(line, values), remaining)
@@ -266,6 +276,7 @@ class LinesImplementation(Implementation):
         if exercise != "ex1":
             return self.inner.run(exercise, problem, timeout)
         substitute = plan.substitute if plan is not None else None
-        result = chain(self.functions, problem.cache(), timeout=timeout, substitute=substitute)
-        trace_autograd(result, self.inner._sources())
+        result = chain(self.functions, problem.cache(), timeout=timeout, substitute=substitute,
+                       lines=problem.spec.lines)
+        trace_autograd(result, self.inner._sources(), tensors=problem.spec.order)
         return result

@@ -21,8 +21,9 @@ import textwrap
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Collection, Iterable, Iterator
 
-from reference_model.model import CONSTANTS, GRADIENT_ORDER, Config
+from reference_model.model import Config
 
+from ..problems.lecture import CONSTANTS, GRADIENT_ORDER
 from ..verdict import Location
 from .base import SourceSpan, display_path
 
