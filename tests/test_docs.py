@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, REPO, run_inprocess
+from conftest import EXAMPLES, REPO, once_per_run, run_inprocess
 
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
@@ -89,7 +89,7 @@ def all_blocks() -> list[Block]:
 
 # --- the build ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")  # session: xdist interleaves modules, a module fixture would be rebuilt
+@pytest.fixture(scope="session")
 def built(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """CI's command, ``python -m sphinx -W -b html docs docs/_build/html``, into a temporary folder."""
     if os.environ.get("CI"):  # CI installs the docs extra: the build must run there, never skip silently
@@ -97,13 +97,18 @@ def built(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
         import sphinx  # noqa: F401
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_parser")
-    out = tmp_path_factory.mktemp("html")
-    result = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-                             str(DOCS), str(out)], capture_output=True, text=True, cwd=REPO)
-    return result, out
+
+    def build(folder: Path) -> dict:
+        done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+                               str(DOCS), str(folder / "html")], capture_output=True, text=True, cwd=REPO)
+        return {"args": done.args, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr,
+                "out": str(folder / "html")}
+
+    once = once_per_run(tmp_path_factory, "sphinx", build)  # the build once for the run, whatever xdist does
+    result = subprocess.CompletedProcess(once["args"], once["returncode"], once["stdout"], once["stderr"])
+    return result, Path(once["out"])
 
 
-@pytest.mark.xdist_group("sphinx")  # one worker builds the docs once
 def test_sphinx_build_has_no_warnings(built):
     result, out = built
     assert result.returncode == 0, result.stderr[-4000:]
@@ -208,7 +213,6 @@ def test_every_public_name_is_documented():
         assert f"@pytest.mark.{marker}" in reference
 
 
-@pytest.mark.xdist_group("sphinx")
 def test_generated_reference_lists_every_export(built):
     """The built reference shows every exported name and every setting (the directives work)."""
     import html

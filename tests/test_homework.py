@@ -27,13 +27,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, REPO, run_inprocess
+from conftest import EXAMPLES, REPO, once_per_run, run_inprocess
 from sandbox_env import alive, sandbox_python, sandbox_uid, uid_in_use  # noqa: F401 -- fixture
 
 from pytest_backprop.grading.autograder import build, try_autograder
-
-# one xdist worker builds and grades the module's uploads once (README's command: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("homework")
 
 HOMEWORK = EXAMPLES / "homework"
 SOLUTION = (EXAMPLES / "ex1_solution.py").read_text()
@@ -48,17 +45,22 @@ def copy_homework(dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")  # session: xdist interleaves modules, a module fixture would be rebuilt
+@pytest.fixture(scope="session")
 def upload(tmp_path_factory) -> Path:
-    return build(HOMEWORK, tmp_path_factory.mktemp("upload") / "autograder.zip")
+    """The example homework's upload, built once for the run (every xdist worker reads it)."""
+    return Path(once_per_run(tmp_path_factory, "upload", lambda folder: str(build(HOMEWORK, folder / "autograder.zip"))))
 
 
 @pytest.fixture(scope="session")
 def strict_upload(tmp_path_factory) -> Path:
-    course = copy_homework(tmp_path_factory.mktemp("strict") / "homework")
-    config = course / "pyproject.toml"
-    config.write_text(config.read_text() + 'backprop_cascade = "strict"\n')
-    return build(course, course.parent / "autograder.zip")
+    """The same course with ``backprop_cascade = "strict"``."""
+    def make(folder: Path) -> str:
+        course = copy_homework(folder / "homework")
+        config = course / "pyproject.toml"
+        config.write_text(config.read_text() + 'backprop_cascade = "strict"\n')
+        return str(build(course, folder / "autograder.zip"))
+
+    return Path(once_per_run(tmp_path_factory, "strict_upload", make))
 
 
 def grade(upload: Path, folder: Path, source: str | None = None, *, name: str = "homework.py", path: Path | None = None,
@@ -82,16 +84,19 @@ def summary(data: dict) -> tuple[float, float, dict[str, float]]:
 
 @pytest.fixture(scope="session")
 def graded(upload, strict_upload, tmp_path_factory) -> dict[str, dict]:
-    """The reference submissions, graded once: what the docs' table shows."""
+    """The reference submissions, graded once for the run: what the docs' table shows."""
     from data.notebooks import lecture_notebook, write
 
-    def run(key: str, source: str | None = None, **kwargs) -> dict:
-        return grade(kwargs.pop("through", upload), tmp_path_factory.mktemp(key), source, **kwargs)
+    def grade_all(folder: Path) -> dict[str, dict]:
+        def run(key: str, source: str | None = None, **kwargs) -> dict:
+            return grade(kwargs.pop("through", upload), folder / key, source, **kwargs)
 
-    notebook = write(lecture_notebook(), tmp_path_factory.mktemp("nb") / "makemore_part4_backprop.ipynb")
-    return {"template": run("template", TEMPLATE), "solution": run("solution", SOLUTION),
-            "notebook": run("notebook", path=notebook), "one_mistake": run("one_mistake", ONE_MISTAKE),
-            "one_mistake_strict": run("strict", ONE_MISTAKE, through=strict_upload)}
+        notebook = write(lecture_notebook(), folder / "makemore_part4_backprop.ipynb")
+        return {"template": run("template", TEMPLATE), "solution": run("solution", SOLUTION),
+                "notebook": run("notebook", path=notebook), "one_mistake": run("one_mistake", ONE_MISTAKE),
+                "one_mistake_strict": run("strict", ONE_MISTAKE, through=strict_upload)}
+
+    return once_per_run(tmp_path_factory, "graded", grade_all)
 
 
 # --- the upload -----------------------------------------------------------------------------------
