@@ -32,8 +32,8 @@ Example::
 from __future__ import annotations
 
 import ast
-import functools
 import copy
+import functools
 import sys
 import textwrap
 import time
