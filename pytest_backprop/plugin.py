@@ -89,7 +89,7 @@ class BackpropSession:
         self.config, self.state = config, state
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        from .problems.tolerance import RULE
+        from .problems.rule import RULE
 
         s = self.state.settings
         if not self.state.lecture:
@@ -110,8 +110,10 @@ class BackpropSession:
     def dataset(self) -> dict[str, Any]:
         if not self.state.lecture:  # another problem's inputs come from its make_inputs
             return {"source": "make_inputs", "words": 0}
-        words = self.state.problem.words
-        return {"source": words.source if words else "?", "words": len(words) if words else 0}
+        from reference_model.data import load_words  # torch-free: xdist's controller builds no problem
+
+        words = load_words(self.state.settings.names)
+        return {"source": words.source, "words": len(words)}
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -120,12 +122,36 @@ class BackpropSession:
 
         items[:0] = collect_builtin_items(session)
 
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Any:
+        # Where the verdict is made (this process or an xdist worker), give it its place in the report.
+        outcome = yield
+        report = outcome.get_result()
+        from .verdict import RANK_PROPERTY, VERDICT_PROPERTY
+
+        verdicts = [value for key, value in report.user_properties if key == VERDICT_PROPERTY]
+        if call.when == "call" and verdicts:
+            ranks = self._ranks()
+            key = f"{verdicts[0]['exercise']}::{verdicts[0]['tensor']}"
+            report.user_properties.append((RANK_PROPERTY, list(ranks.get(key, (99, 0)))))
+
+    def _ranks(self) -> dict[str, tuple[int, int]]:
+        """Exercise order, then backward order, for the session's problem."""
+        if not hasattr(self, "_rank_table"):
+            from .judge.grade import EXERCISE_TENSORS, LECTURE_ONLY, exercise_tensors
+
+            spec = None if self.state.lecture else self.state.spec
+            tensors = {ex: exercise_tensors(ex, spec) for ex in EXERCISE_TENSORS if spec is None or ex not in LECTURE_ONLY}
+            self._rank_table = {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(tensors.items()) for j, t in enumerate(ts)}
+        return self._rank_table
+
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Verdicts travel in user_properties, so xdist workers' reports are gathered the same way.
         if report.when != "call" or not report.user_properties:
             return
-        from .verdict import VERDICT_PROPERTY, WARNINGS_PROPERTY, Diagnosis, Verdict
+        from .verdict import RANK_PROPERTY, VERDICT_PROPERTY, WARNINGS_PROPERTY, Diagnosis, Verdict
 
+        verdict = None
         for key, value in report.user_properties:
             if key == VERDICT_PROPERTY:
                 verdict = Verdict.from_json(value)
@@ -133,16 +159,14 @@ class BackpropSession:
             elif key == WARNINGS_PROPERTY:
                 for w in value:
                     self.state.reported_warnings[(w["code"], w["message"])] = Diagnosis(**w)
+            elif key == RANK_PROPERTY and verdict is not None:
+                self.state.reported_ranks[verdict.key] = tuple(value)
 
     def ordered(self) -> list[Any]:
-        """Reported verdicts in exercise order, then backward order."""
-        from .judge.grade import EXERCISE_TENSORS, LECTURE_ONLY, exercise_tensors
-
-        spec = None if self.state.lecture else self.state.spec
-        tensors = {ex: exercise_tensors(ex, spec) for ex in EXERCISE_TENSORS if spec is None or ex not in LECTURE_ONLY}
-        rank = {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(tensors.items()) for j, t in enumerate(ts)}
-        # unranked checks (properties) by name: xdist delivers reports in no fixed order
-        return sorted(self.state.reported.values(), key=lambda v: (*rank.get(v.key, (99, 0)), v.key))
+        """Reported verdicts in exercise order, then backward order; unranked checks (properties) by
+        name, since xdist delivers reports in no fixed order."""
+        ranks = self.state.reported_ranks
+        return sorted(self.state.reported.values(), key=lambda v: (*ranks.get(v.key, (99, 0)), v.key))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.state.reported:
@@ -159,7 +183,12 @@ class BackpropSession:
         from .report.json import report_json, write_json
 
         s = self.state.settings
-        spec = self.state.spec
-        meta = {"implementation": s.impl, "problem": {"name": spec.name, "origin": spec.origin},
-                "dataset": self.dataset(), "seed": s.seed, "dtype": s.dtype}
+        if s.problem:  # another problem (its spec is loaded at configure anyway)
+            problem = {"name": self.state.spec.name, "origin": self.state.spec.origin}
+        else:  # the lecture's, without importing it: xdist's controller has no torch
+            from .problems.meta import lecture_meta
+
+            problem = lecture_meta()
+        meta = {"implementation": s.impl, "problem": problem, "dataset": self.dataset(), "seed": s.seed,
+                "dtype": s.dtype}
         write_json(s.json, report_json(meta, self.ordered(), self.state.reported_warnings.values()))

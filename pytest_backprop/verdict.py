@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 PASS, FAIL, SKIP, ERROR = "pass", "fail", "skip", "error"
 #: The ``user_properties`` keys a test report carries its verdict and run warnings under (so that xdist
 #: workers' verdicts reach the controller's table, JSON and Gradescope the same way).
 VERDICT_PROPERTY = "backprop_verdict"
 WARNINGS_PROPERTY = "backprop_warnings"
+#: A verdict's place in the report (exercise, then backward order), computed where the verdict is made:
+#: xdist's controller orders the table without importing the problem (or torch).
+RANK_PROPERTY = "backprop_rank"
 
 
 @dataclass(frozen=True)
@@ -100,3 +103,16 @@ class Verdict:
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         return cls(**data)
+
+
+def first_wrong(verdicts: Iterable[Verdict]) -> Verdict | None:
+    """The first failing gradient in backward order that is its own fault.
+
+    Example::
+
+        first_wrong(verdicts).tensor   # 'bndiff2' (the ones below it that fail are inherited)
+    """
+    for v in verdicts:
+        if v.status in ("fail", "error") and v.diagnosis.code != "inherited":
+            return v
+    return None

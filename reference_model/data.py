@@ -9,9 +9,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading words (the report header) needs none
+    import torch
 
 EMBEDDED_SOURCE = "embedded: US-census first names from the 'names' package"
 _CENSUS_FILES = ("dist.female.first", "dist.male.first")
@@ -115,6 +116,7 @@ def build_dataset(words: Sequence[str], stoi: dict[str, int], block_size: int = 
 def build_dataset_loop(words: Sequence[str], stoi: dict[str, int], block_size: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """The lecture's loop, verbatim: the reference that :func:`build_dataset`'s fast path must equal,
     and its fallback for non-ASCII vocabularies."""
+    import torch  # noqa: PLC0415
     X, Y = [], []
     for w in words:
         context = [0] * block_size
@@ -129,6 +131,7 @@ def build_dataset_loop(words: Sequence[str], stoi: dict[str, int], block_size: i
 def _build_dataset_indexed(words: list[str], text: str, stoi: dict[str, int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The lecture's loop as tensor indexing: each word becomes ``[0]*block_size + codes + [0]`` in
     one long sequence; each example is a target position and the ``block_size`` codes before it."""
+    import torch  # noqa: PLC0415
     lut = torch.zeros(128, dtype=torch.long)
     for ch, i in stoi.items():
         lut[ord(ch)] = i

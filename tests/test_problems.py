@@ -429,3 +429,10 @@ def test_order_must_name_every_gradient_after_its_readers(tmp_path):
     good = tmp_path / "good"
     good.mkdir()
     assert load_spec(write_problem(good, 'ORDER = ("z", "w", "x")\n' + textwrap.dedent(forward))).order == ("z", "w", "x")
+
+
+def test_the_lecture_meta_read_without_importing_is_the_specs():
+    from pytest_backprop.problems.lecture import LECTURE
+    from pytest_backprop.problems.meta import lecture_meta
+
+    assert lecture_meta() == {"name": LECTURE.name, "origin": LECTURE.origin}

@@ -18,9 +18,21 @@ def _run(pytester, json_path, *extra):
     return result, json.loads(json_path.read_text())
 
 
+CONTROLLER_MODULES = """
+import sys
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # xdist's controller (or a serial run)
+        open("controller.txt", "w").write("torch" if "torch" in sys.modules else "no torch")
+"""
+
+
 def test_xdist_same_verdicts_one_table_one_report(pytester):
+    pytester.makeconftest(CONTROLLER_MODULES)
     serial, serial_json = _run(pytester, pytester.path / "serial.json")
     parallel, parallel_json = _run(pytester, pytester.path / "parallel.json", "-n", "2")
+    # xdist's controller only gathers, prints and writes verdicts: it imports no torch
+    assert (pytester.path / "controller.txt").read_text() == "no torch"
     assert any(s in parallel.stdout.str() for s in ("2 workers", "gw1", "bringing up nodes"))
     s_checks = {c["exercise"] + "::" + c["tensor"]: c for c in serial_json["checks"]}
     p_checks = {c["exercise"] + "::" + c["tensor"]: c for c in parallel_json["checks"]}

@@ -88,6 +88,7 @@ class KitState:
     # Gathered from test reports (works the same under xdist): what the report renders.
     reported: dict[str, Verdict] = field(default_factory=dict)
     reported_warnings: dict[tuple[str, str], Diagnosis] = field(default_factory=dict)
+    reported_ranks: dict[str, tuple[int, int]] = field(default_factory=dict)  # verdict key -> place in the report
 
     def option(self, name: str) -> Any:
         """Any ``--backprop-<name>`` setting (command line > ini > default)."""

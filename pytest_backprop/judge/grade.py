@@ -13,7 +13,7 @@ from ..problems.lecture import GRADIENT_ORDER, LECTURE, LINES
 from ..problems.instance import Problem
 from ..problems.spec import ProblemSpec
 from ..usercode.base import GradientError, RunResult
-from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Location, Verdict
+from ..verdict import ERROR, FAIL, PASS, SKIP, Diagnosis, Location, Verdict, first_wrong  # noqa: F401 -- re-exported
 from .compare import compare
 from .diagnose import diagnose
 
@@ -255,11 +255,3 @@ def summarize(verdicts: list[Verdict]) -> dict[str, int]:
     for v in verdicts:
         counts[v.status] += 1
     return counts
-
-
-def first_wrong(verdicts: Iterable[Verdict]) -> Verdict | None:
-    """The first failing gradient in backward order that is its own fault."""
-    for v in verdicts:
-        if v.status in ("fail", "error") and v.diagnosis.code != "inherited":
-            return v
-    return None

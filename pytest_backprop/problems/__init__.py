@@ -11,9 +11,22 @@ Example::
     q.spec.order[:3]          # ('logp', 'esum', 'e')
 """
 
-from .errors import ProblemError
-from .instance import Problem, build_problem, problem_from_batch, problem_from_inputs, problem_from_spec, resolve_words
-from .spec import ProblemSpec, load_spec
+from __future__ import annotations
 
-__all__ = ["Problem", "ProblemError", "ProblemSpec", "build_problem", "load_spec", "problem_from_batch",
-           "problem_from_inputs", "problem_from_spec", "resolve_words"]
+import importlib
+from typing import Any
+
+#: Imported on first use, so that a torch-free module of this layer (``device``, ``rule``) costs no torch import.
+_LAZY = {"Problem": "instance", "build_problem": "instance", "problem_from_batch": "instance",
+         "problem_from_inputs": "instance", "problem_from_spec": "instance", "resolve_words": "instance",
+         "ProblemError": "errors", "ProblemSpec": "spec", "load_spec": "spec"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

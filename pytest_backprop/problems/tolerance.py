@@ -33,10 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-K = 10
-FLOOR = 16
-#: The measured rule in one line (the ``--backprop`` report header: the kit always knows the truth there).
-RULE = f"no worse than {K}x PyTorch's own float32 error vs a float64 truth (floor {FLOOR} eps x max|grad|)"
+from .rule import FLOOR, K, RULE  # noqa: F401 -- the rule's numbers, torch-free for the report header
+
 _TRUTH_ATTR = "_backprop_truth"
 
 #: Origins of a tolerance, as messages print them.

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..judge.grade import first_wrong
-from ..verdict import Diagnosis, Verdict
+from ..verdict import Diagnosis, Verdict, first_wrong
 
 #: Exercises whose rows are single gradients (not training runs or property searches).
 GRADIENT_EXERCISES = ("ex1", "ex2", "ex3", "lines")
