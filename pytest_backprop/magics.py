@@ -51,7 +51,6 @@ LINE_OPTIONS = ("names", "seed", "dtype", "timeout", "examples", "broadcast", "s
 CELL_OPTIONS = ("names", "seed", "dtype", "timeout")
 _EXERCISES = ("ex1", "ex2", "ex3")
 _COLOURS = {"pass": "#d4edda", "fail": "#f8d7da", "error": "#f5c6cb", "skip": "#e2e3e5"}
-_SYMBOL = {"pass": "ok", "fail": "FAIL", "skip": "skip", "error": "ERROR"}
 
 
 class MagicUsageError(Exception):
@@ -170,18 +169,18 @@ class BackpropReport:
         p.text(repr(self))
 
     def _repr_html_(self) -> str:
-        from .report.text import label, skipped_exercises, your_line
+        from .report.text import SYMBOL, fmt_bool, label, skipped_exercises, your_line
 
         e = html.escape
-        counts = {s: sum(v.status == s for v in self.verdicts) for s in _SYMBOL}
+        counts = {s: sum(v.status == s for v in self.verdicts) for s in SYMBOL}
         head = (f"<b>backprop: {e(self.title)}</b> &mdash; {counts['pass']} ok, {counts['fail']} fail, "
                 f"{counts['error']} error, {counts['skip']} skipped")
         rows = []
         for v in self.verdicts:
             code = "" if v.diagnosis.code in ("ok", "missing") else f" [{v.diagnosis.code}]"
             maxdiff = "-" if v.maxdiff is None else f"{v.maxdiff:.1e}"
-            cells = [v.exercise, label(v), _cell(v.exact), _cell(v.approximate), maxdiff,
-                     f"<b>{_SYMBOL[v.status]}</b>{e(code)}"]
+            cells = [v.exercise, label(v), fmt_bool(v.exact), fmt_bool(v.approximate), maxdiff,
+                     f"<b>{SYMBOL[v.status]}</b>{e(code)}"]
             rows.append(f'<tr style="background:{_COLOURS[v.status]}">'
                         + "".join(f"<td>{c if i == 5 else e(str(c))}</td>" for i, c in enumerate(cells)) + "</tr>")
             if v.status in ("fail", "error"):
@@ -199,10 +198,6 @@ class BackpropReport:
         extra += [f"warning [{e(w.code)}]: {e(w.message)}" for w in self.warnings]
         extra += [e(n) for n in self.notes]
         return f"<div>{head}{table}" + "".join(f"<p>{x}</p>" for x in extra) + "</div>"
-
-
-def _cell(value: bool | None) -> str:
-    return "-" if value is None else str(value)
 
 
 # --- the notebook so far ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ requested, the plugin costs nothing. The work happens in modules imported lazily
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -131,19 +132,18 @@ class BackpropSession:
 
         verdicts = [value for key, value in report.user_properties if key == VERDICT_PROPERTY]
         if call.when == "call" and verdicts:
-            ranks = self._ranks()
+            ranks = self._ranks
             key = f"{verdicts[0]['exercise']}::{verdicts[0]['tensor']}"
             report.user_properties.append((RANK_PROPERTY, list(ranks.get(key, (99, 0)))))
 
+    @functools.cached_property
     def _ranks(self) -> dict[str, tuple[int, int]]:
         """Exercise order, then backward order, for the session's problem."""
-        if not hasattr(self, "_rank_table"):
-            from .judge.grade import EXERCISE_TENSORS, LECTURE_ONLY, exercise_tensors
+        from .judge.grade import EXERCISE_TENSORS, LECTURE_ONLY, exercise_tensors
 
-            spec = None if self.state.lecture else self.state.spec
-            tensors = {ex: exercise_tensors(ex, spec) for ex in EXERCISE_TENSORS if spec is None or ex not in LECTURE_ONLY}
-            self._rank_table = {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(tensors.items()) for j, t in enumerate(ts)}
-        return self._rank_table
+        spec = None if self.state.lecture else self.state.spec
+        tensors = {ex: exercise_tensors(ex, spec) for ex in EXERCISE_TENSORS if spec is None or ex not in LECTURE_ONLY}
+        return {f"{ex}::{t}": (i, j) for i, (ex, ts) in enumerate(tensors.items()) for j, t in enumerate(ts)}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Verdicts travel in user_properties, so xdist workers' reports are gathered the same way.

@@ -8,10 +8,12 @@ from ..verdict import Diagnosis, Verdict, first_wrong
 
 #: Exercises whose rows are single gradients (not training runs or property searches).
 GRADIENT_EXERCISES = ("ex1", "ex2", "ex3", "lines")
-_SYMBOL = {"pass": "ok", "fail": "FAIL", "skip": "skip", "error": "ERROR"}
+#: How each status is shown in a table.
+SYMBOL = {"pass": "ok", "fail": "FAIL", "skip": "skip", "error": "ERROR"}
 
 
-def _fmt_bool(value: bool | None) -> str:
+def fmt_bool(value: bool | None) -> str:
+    """``True``/``False`` as the lecture's table prints them, ``-`` when not measured."""
     return "-" if value is None else str(value)
 
 
@@ -64,9 +66,9 @@ def render_table(verdicts: Iterable[Verdict]) -> list[str]:
     lines.append("-" * len(lines[0]))
     for v in rows:
         hint = "" if v.diagnosis.code in ("ok", "missing") else f" [{v.diagnosis.code}]"
-        lines.append(f"{v.exercise:8s} {v.tensor:15s} | {_fmt_bool(v.exact):5s} | {_fmt_bool(v.approximate):11s} | "
-                     f"{_fmt_float(v.maxdiff):8s} | {_SYMBOL[v.status]}{hint}")
-    counts = {s: sum(v.status == s for v in rows) for s in _SYMBOL}
+        lines.append(f"{v.exercise:8s} {v.tensor:15s} | {fmt_bool(v.exact):5s} | {fmt_bool(v.approximate):11s} | "
+                     f"{_fmt_float(v.maxdiff):8s} | {SYMBOL[v.status]}{hint}")
+    counts = {s: sum(v.status == s for v in rows) for s in SYMBOL}
     inherited = sum(v.status == "fail" and v.diagnosis.code == "inherited" for v in rows)
     lines.append(f"{len(rows)} checks: {counts['pass']} pass, {counts['fail']} fail ({inherited} of them inherited), "
                  f"{counts['error']} error, {counts['skip']} skipped")
@@ -85,8 +87,6 @@ def skipped_exercises(verdicts: Iterable[Verdict]) -> list[str]:
         if all(v.status == "skip" for v in rows) and len(reasons) == 1 and not next(iter(reasons)).startswith("not attempted"):
             out.append(f"{exercise} skipped: {next(iter(reasons))}")
     return out
-
-
 
 
 def render_summary(verdicts: list[Verdict], warnings: Iterable[Diagnosis]) -> list[str]:
