@@ -1,5 +1,7 @@
-"""P5: what ``--backprop-isolate`` (one warm child process per submission) costs.
+"""P7: what ``--backprop-isolate`` (one warm child process per submission) costs.
 
+- child start: to the first answer, forked from the grader (no user) and as a fresh interpreter
+  (what ``--backprop-isolate-user`` starts);
 - per run: one Exercise 1 run of the reference script on the lecture's problem, in-process vs
   through the warm child (sending the problem, running, sending the 26 answers back), 1 thread;
 - per session: the example homework graded with a correct answer (26 gradients, the 50 steps of
@@ -34,10 +36,18 @@ def per_run(rounds: int, number: int) -> None:
     from pytest_backprop.usercode.isolate import IsolatedImplementation
     from pytest_backprop.usercode.loaders import load_implementation
 
+    from pytest_backprop.usercode import isolate
+
     problem = build_problem(resolve_words(None))
-    start = time.perf_counter()
-    isolated = IsolatedImplementation(str(SOLUTION), REPO, 60)
-    started = time.perf_counter() - start
+    starts = {}
+    for how, fork in (("a fresh interpreter (--backprop-isolate-user)", False), ("forked (no user)", True)):
+        isolate.FORK = fork
+        start = time.perf_counter()
+        isolated = IsolatedImplementation(str(SOLUTION), REPO, 60)
+        isolated.run("ex1", problem, 60)  # the first answer: the child is ready
+        starts[how] = time.perf_counter() - start
+        if not fork:
+            isolated.close()
     local = load_implementation(str(SOLUTION), REPO)
     try:
         with single_thread():
@@ -46,7 +56,8 @@ def per_run(rounds: int, number: int) -> None:
                                 rounds=rounds, number=number, warmup=5)
     finally:
         isolated.close()
-    print(f"child start (interpreter, torch, loading the script): {started:.2f} s")
+    for how, seconds in starts.items():
+        print(f"child start to its first answer, {how}: {seconds:.2f} s")
     for name, values in times.items():
         print(f"one Exercise 1 run, {name:10s}: {median(values) * 1e3:6.2f} ms (median of {rounds} x {number})")
     print(f"warm child / in-process: x{ratio_of_medians(times, 'warm child', 'in-process'):.2f} per run")

@@ -162,7 +162,7 @@ def user_step(implementation, words=None, timeout: float | None = None) -> Calla
         config = Config(vocab_size=params["C"].shape[0], n_embd=params["C"].shape[1], n_hidden=params["W1"].shape[1],
                         batch_size=int(Xb.shape[0]), block_size=int(Xb.shape[1]))
         with torch.enable_grad():
-            problem = problem_from_batch(config, params, Xb, Yb, words=words)
+            problem = problem_from_batch(config, params, Xb, Yb, words=words, judged=())  # values only
             run = implementation.run("ex1", problem, timeout)
         missing = [name for name in PARAMETER_ORDER if name not in run.grads]
         at = f"at step {done[0]}"

@@ -274,3 +274,21 @@ def test_cmp_claims_nothing_when_the_notebook_ran_another_forward(notebook, caps
     notebook["bngain"] = (notebook["bngain"] * 2).detach()  # the values no longer made these tensors
     assert run_cmp(notebook, "cmp('hpreact', dhpreact, hpreact)")
     assert "assert_close default for float32" in capsys.readouterr().out
+
+
+def test_judged_gives_tolerances_only_to_the_gradients_compared(problem):
+    """``problem_from_batch(..., judged=...)`` (what Exercise 4 uses at every step): the same forward
+    values and true gradients; only the judged ones carry a tolerance; none judged, no float64 truth."""
+    from pytest_backprop.problems.instance import problem_from_batch
+    from pytest_backprop.problems.tolerance import reference_of
+
+    some = problem_from_batch(problem.config, problem.params, problem.Xb, problem.Yb, judged=("W1", "b1"))
+    assert set(some.tolerances) == {"W1", "b1"}
+    assert some.tolerances["W1"] == problem.tolerances["W1"] and some.tolerances["b1"] == problem.tolerances["b1"]
+    assert reference_of(some.grads["W1"]) is not None and reference_of(some.grads["probs"]) is None
+    for name in problem.grads:
+        assert torch.equal(some.grads[name], problem.grads[name]) and torch.equal(some[name], problem[name])
+    assert compare(problem.grads["W1"] + 1e-3, some.grads["W1"]).approximate is False
+    assert compare(problem.grads["W1"], some.grads["W1"]).approximate
+    none = problem_from_batch(problem.config, problem.params, problem.Xb, problem.Yb, judged=())
+    assert none.tolerances == {} and none.truth64 is none.truth and torch.equal(none["logits"], problem["logits"])

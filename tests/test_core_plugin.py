@@ -99,6 +99,22 @@ def test_plugin_off_imports_no_torch(pytester):
     result.assert_outcomes(passed=1)
 
 
+def test_with_backprop_the_libraries_objects_are_frozen_after_collection(pytester, ex1_solution):
+    """Once torch is loaded the plugin calls gc.freeze() (full collections then skip torch's objects);
+    the user's own tests see it collected as usual. Off, nothing is frozen."""
+    pytester.makepyfile(test_gc="""
+        import gc
+        def test_freeze_count():
+            print("FROZEN", gc.get_freeze_count())
+    """)
+    on = pytester.runpytest_subprocess("-q", "-s", "--backprop", f"--backprop-impl={ex1_solution}",
+                                       "--backprop-examples=0", "--backprop-steps=0", "test_gc.py")
+    off = pytester.runpytest_subprocess("-q", "-s", "test_gc.py")
+    frozen = {name: int(next(line for line in r.outlines if line.startswith("FROZEN") or "FROZEN" in line)
+                        .split("FROZEN")[1].split()[0]) for name, r in (("on", on), ("off", off))}
+    assert frozen["on"] > 10_000 and frozen["off"] == 0, frozen
+
+
 def test_fixtures_work_without_backprop_and_can_be_overridden(pytester):
     pytester.makeconftest("""
         import pytest

@@ -9,8 +9,8 @@ with ``python -m pytest_backprop.gradescope build``, unpacked into a clean folde
   and torch, os._exit mid-run, spawning processes that outlive the run, killing the grader) get
   their true score.
 
-Each graded submission is one run of the autograder (~20-30 s), so results are shared through
-module-scoped fixtures.
+Each graded submission is one run of the autograder (~7 s), so the reference submissions' results
+are graded once for the whole run (``graded``), each when a test first needs it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -82,21 +83,52 @@ def summary(data: dict) -> tuple[float, float, dict[str, float]]:
     return data["score"], data["extra_data"]["max_score"], {t["name"]: t["score"] for t in data["tests"]}
 
 
+class Graded(dict):
+    """The reference submissions' results.json (GRADED), each graded once for the run.
+
+    The first request starts all of them in the background, two at a time (one lock per submission,
+    shared with the other xdist workers: a worker that needs one waits for that one only, and the
+    five ~7 s grades run beside the other tests instead of one after another).
+    """
+
+    def __init__(self, tmp_path_factory, upload: Path, strict_upload: Path):
+        super().__init__()
+        self.tmp_path_factory, self.upload, self.strict_upload = tmp_path_factory, upload, strict_upload
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="graded")
+        self.futures: dict[str, Future] = {}
+
+    def _grade(self, key: str) -> dict:
+        def run(folder: Path) -> dict:
+            if key == "notebook":
+                from data.notebooks import lecture_notebook, write
+
+                return grade(self.upload, folder, path=write(lecture_notebook(), folder / "makemore_part4_backprop.ipynb"))
+            source = {"template": TEMPLATE, "solution": SOLUTION}.get(key, ONE_MISTAKE)
+            return grade(self.strict_upload if key == "one_mistake_strict" else self.upload, folder, source)
+
+        return once_per_run(self.tmp_path_factory, f"graded-{key}", run)
+
+    def __missing__(self, key: str) -> dict:
+        if key not in GRADED:
+            raise KeyError(key)
+        if not self.futures:
+            self.futures = {k: self.pool.submit(self._grade, k) for k in sorted(GRADED, key=lambda k: k != key)}
+        self[key] = self.futures[key].result()
+        return self[key]
+
+    def all(self) -> dict[str, dict]:
+        return {key: self[key] for key in GRADED}
+
+
+GRADED = ("template", "solution", "notebook", "one_mistake", "one_mistake_strict")
+
+
 @pytest.fixture(scope="session")
-def graded(upload, strict_upload, tmp_path_factory) -> dict[str, dict]:
-    """The reference submissions, graded once for the run: what the docs' table shows."""
-    from data.notebooks import lecture_notebook, write
-
-    def grade_all(folder: Path) -> dict[str, dict]:
-        def run(key: str, source: str | None = None, **kwargs) -> dict:
-            return grade(kwargs.pop("through", upload), folder / key, source, **kwargs)
-
-        notebook = write(lecture_notebook(), folder / "makemore_part4_backprop.ipynb")
-        return {"template": run("template", TEMPLATE), "solution": run("solution", SOLUTION),
-                "notebook": run("notebook", path=notebook), "one_mistake": run("one_mistake", ONE_MISTAKE),
-                "one_mistake_strict": run("strict", ONE_MISTAKE, through=strict_upload)}
-
-    return once_per_run(tmp_path_factory, "graded", grade_all)
+def graded(upload, strict_upload, tmp_path_factory):
+    """The reference submissions (GRADED), graded once for the run: what the docs' table shows."""
+    results = Graded(tmp_path_factory, upload, strict_upload)
+    yield results
+    results.pool.shutdown(wait=True)
 
 
 # --- the upload -----------------------------------------------------------------------------------
@@ -169,7 +201,7 @@ def test_the_kit_from_a_wheel_of_this_source_grades_a_submission(tmp_path):
     assert where.startswith(str(target))
     (tmp_path / "homework.py").write_text(SOLUTION)
     out = subprocess.run([sys.executable, "-m", "pytest_backprop.gradescope", "try", str(zip_path),
-                          str(tmp_path / "homework.py"), "--root", str(tmp_path / "ag")],
+                          "homework.py", "--root", "ag"],  # relative to the working directory, as typed
                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.stdout.strip() == "score 38 / 38", out.stdout + out.stderr
 
@@ -212,9 +244,9 @@ def test_a_solution_gets_full_marks(graded):
 
 def test_every_form_has_the_same_rows_and_maximum(graded):
     """The template, a script, a notebook (which also answers Exercises 2 and 3, worth 0 here)."""
-    rows = {key: [t["name"] for t in data["tests"] if t["max_score"] > 0] for key, data in graded.items()}
+    rows = {key: [t["name"] for t in data["tests"] if t["max_score"] > 0] for key, data in graded.all().items()}
     assert len({tuple(r) for r in rows.values()}) == 1, rows
-    assert {data["extra_data"]["max_score"] for data in graded.values()} == {38}
+    assert {data["extra_data"]["max_score"] for data in graded.all().values()} == {38}
     assert graded["template"]["score"] == 0
     assert graded["notebook"]["score"] == graded["solution"]["score"] == 38
     notebook = by_name(graded["notebook"])

@@ -168,11 +168,15 @@ def test_monkeypatching_torch_in_process_is_undone(problem, tmp_path):
     torch.allclose = lambda *a, **k: True
     torch.testing.assert_close = lambda *a, **k: None
     torch.equal = lambda *a, **k: True
+    torch.Tensor.sum = lambda *a, **k: torch.tensor(0.0)  # a new attribute shadowing TensorBase.sum
+    torch.nn.functional.softmax = None
     dlogprobs = torch.zeros_like(logprobs)
     """
     run, verdicts = run_script(tmp_path, source, problem)
     assert verdicts["logprobs"].status == "fail"
     assert not torch.allclose(torch.zeros(1), torch.ones(1)) and not torch.equal(torch.zeros(1), torch.ones(1))
+    assert float(torch.ones(3).sum()) == 3.0 and "sum" not in vars(torch.Tensor)
+    assert torch.nn.functional.softmax(torch.zeros(2), 0).tolist() == [0.5, 0.5]
 
 
 def test_endless_loop_end_to_end_session_goes_on(pytester):

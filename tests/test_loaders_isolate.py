@@ -273,8 +273,14 @@ def test_the_users_prints_go_to_the_running_tests_output(tmp_path, problem, caps
 def test_a_forged_reply_is_no_answer_and_runs_nothing(tmp_path, problem):
     marker = tmp_path / "ran-in-the-grader"
     impl = isolated(tmp_path, textwrap.dedent(f"""
-        import os, pickle, re, struct
-        fd = int(re.findall(rb"child_main\\((\\d+), (\\d+)\\)", open("/proc/self/cmdline", "rb").read())[0][1])
+        import os, pickle, struct
+        def write_only_pipe(fd):
+            try:
+                flags = int(open(f"/proc/self/fdinfo/{{fd}}").read().split("flags:")[1].split()[0], 8)
+                return os.readlink(f"/proc/self/fd/{{fd}}").startswith("pipe:") and flags & 3 == os.O_WRONLY
+            except OSError:  # the descriptor listdir itself had open
+                return False
+        fd = next(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2 and write_only_pipe(fd))  # the replies
         class Evil:
             def __reduce__(self):
                 return (os.system, ("touch {marker}",))
@@ -399,3 +405,28 @@ def test_an_answer_on_a_device_the_grader_lacks_is_judged_on_the_cpu():
     back = isolate.from_plain(plain)
     assert back.device.type == ("cuda" if torch.cuda.device_count() > 7 else "cpu")
     assert torch.equal(back.cpu(), torch.tensor([1.0, 2.0]))
+
+
+def test_a_child_without_a_user_is_forked_and_starts_as_a_fresh_one_would(tmp_path, problem, capsys):
+    """No user: the child is forked from this process (torch already imported: no second import),
+    then made what a fresh ``python -c`` child is: its own session, only its two pipes open besides
+    the standard streams, torch's default seed, one thread."""
+    from pytest_backprop.usercode import isolate
+
+    torch.manual_seed(1)  # the grader's generator state must not leak into the child
+    impl = isolated(tmp_path, """
+        import os, sys, torch
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+        print("FACTS", os.getppid(), os.getsid(0) == os.getpid(), len(fds), torch.initial_seed(),
+              torch.get_num_threads(), sys.stdout.fileno())
+        dlogprobs = torch.zeros_like(logprobs)
+    """)
+    try:
+        run = impl.run("ex1", problem, 10)
+    finally:
+        impl.close()
+    assert run.error is None
+    facts = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("FACTS")).split()
+    assert isolate.FORK
+    # the parent is this process; 0, 1, 2, the two pipes and the one listdir opens
+    assert facts[1:] == [str(os.getpid()), "True", "6", str(67280421310721), "1", "1"]

@@ -179,7 +179,7 @@ def sgd_check(implementation: Any, words: Words | None, config: Config, *, steps
 
     for step, (Xb, Yb) in enumerate(batches):
         Xb, Yb = Xb.to(dev), Yb.to(dev)
-        problem = problem_from_batch(config, yours, Xb, Yb, words=words)
+        problem = problem_from_batch(config, yours, Xb, Yb, words=words, judged=PARAMETERS)
         run = implementation.run("ex1", problem, timeout)
         missing = [p for p in PARAMETERS if p not in run.grads]
         if run.error is not None and missing:

@@ -182,7 +182,8 @@ def try_autograder(zip_path: str | Path, submission: str | Path, *, root: str | 
         results = try_autograder("autograder.zip", "homework.py")
         results["score"], results["extra_data"]["max_score"]
     """
-    root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="autograder-"))
+    # absolute: run_autograder changes directory before it writes results/ under the root
+    root = Path(root).resolve() if root is not None else Path(tempfile.mkdtemp(prefix="autograder-"))
     unpack(zip_path, root, submission)
     run_env = {**os.environ, "AUTOGRADER_ROOT": str(root), "PYTHON": python or sys.executable, **(env or {})}
     subprocess.run(["bash", str(root / "source" / "run_autograder")], env=run_env, stdout=subprocess.DEVNULL,

@@ -8,7 +8,7 @@ The same object backs the ``makemore_forward`` fixture and the built-in checks o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -91,33 +91,39 @@ class Problem:
         return dict(self.sizes or {})
 
 
-def truths_and_tolerances(spec: ProblemSpec, inputs: Mapping[str, Any], dtype: torch.dtype
-                          ) -> tuple[Truth, Truth, dict[str, Tolerance]]:
+def truths_and_tolerances(spec: ProblemSpec, inputs: Mapping[str, Any], dtype: torch.dtype,
+                          judged: Iterable[str] | None = None) -> tuple[Truth, Truth, dict[str, Tolerance]]:
     """The truth in ``dtype`` and in float64, and every gradient's tolerance; each true gradient
     carries its float64 truth and tolerance, and each forward value its true gradient in ``.grad``.
 
     In float64 each tolerance is widened to the float64 noise floor (:mod:`pytest_backprop.problems.noise`),
     so that a correct float64 answer never fails where the true gradient is a cancellation.
+
+    ``judged`` (default: every gradient) names the gradients that will be compared: only they get a
+    tolerance (Exercise 4 compares the seven parameters at every step). With none judged no float64
+    truth is computed: ``truth64`` is then the ``dtype`` truth (for runs that only need the forward
+    values, as ``backprop-train --impl``).
     """
-    truth32 = spec.truth(inputs, dtype=torch.float32) if dtype != torch.float32 else None
+    names = spec.order if judged is None else tuple(n for n in spec.order if n in set(judged))
+    truth32 = spec.truth(inputs, dtype=torch.float32) if dtype != torch.float32 and names else None
     truth = spec.truth(inputs, dtype=dtype)
-    truth64 = spec.truth(inputs, dtype=torch.float64) if dtype != torch.float64 else truth
+    truth64 = spec.truth(inputs, dtype=torch.float64) if dtype != torch.float64 and names else truth
     reference32 = truth32 or truth
     floor = None
-    if dtype == torch.float64:
+    if dtype == torch.float64 and names:
         from .noise import FLOAT64_SLACK
 
         floor = spec.noise_floor(truth64.values, truth64.grads)
     tolerances: dict[str, Tolerance] = {}
-    for name in spec.order:
+    for name in names:
         tol = derive(reference32.grads[name], truth64.grads[name], dtype)
         if floor is not None:
             tol = Tolerance(atol=max(tol.atol * FLOAT64_SLACK, floor[name]), rtol=tol.rtol,
                             origin=f"rule x{FLOAT64_SLACK} or float64 noise floor")
         tolerances[name] = tol
         attach(truth.grads[name], Reference(truth64.grads[name], tol))
-        value = truth.values[name]
-        value.grad = truth.grads[name]
+    for name in spec.order:
+        truth.values[name].grad = truth.grads[name]
     return truth, truth64, tolerances
 
 
@@ -151,14 +157,21 @@ def problem_from_spec(spec: ProblemSpec, sizes: Mapping[str, int] | None = None,
 
 
 def problem_from_batch(config: Config, params: Mapping[str, torch.Tensor], Xb: torch.Tensor, Yb: torch.Tensor, *,
-                       dtype: torch.dtype = torch.float32, words: Words | None = None) -> Problem:
+                       dtype: torch.dtype = torch.float32, words: Words | None = None,
+                       judged: Iterable[str] | None = None) -> Problem:
     """The lecture's problem for given parameters and batch, at any sizes: truths and tolerances.
 
     In float64 each tolerance is widened to the float64 noise floor (:mod:`pytest_backprop.problems.noise`),
     so that a correct float64 answer never fails where the true gradient is a cancellation.
+    ``judged``: see :func:`truths_and_tolerances`.
+
+    Example::
+
+        p = problem_from_batch(config, params, Xb, Yb, judged=("W1", "b1"))
+        p.tolerances                 # {'W1': Tolerance(...), 'b1': Tolerance(...)}
     """
     inputs = lecture_inputs(params, Xb, Yb)
-    truth, truth64, tolerances = truths_and_tolerances(LECTURE, inputs, dtype)
+    truth, truth64, tolerances = truths_and_tolerances(LECTURE, inputs, dtype, judged)
     p = {k: v.detach().to(dtype) for k, v in params.items()}
     return Problem(config, dtype, words, p, Xb, Yb, truth, truth64, tolerances, LECTURE,
                    config.with_(batch_size=int(Xb.shape[0])).sizes(), inputs)

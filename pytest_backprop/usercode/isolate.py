@@ -28,6 +28,15 @@ happen in the grader, so:
   that unprivileged user: it cannot write the grader's files (results.json), signal or trace the
   grader, or change the installed kit, and every process of that user is killed at the end.
 
+How the child starts: without a user, on Linux, it is **forked** from the grader, which has torch
+imported already (a ready child in milliseconds instead of a second Python importing torch for
+2-3 s of CPU); the child then resets what a fresh interpreter would have (its own session, stdout and
+stderr to its log file, no other file descriptors, torch's default seed, one thread). Running as
+the grader's own user it could read the grader's files anyway, so sharing the grader's memory image
+gives it nothing new. With ``--backprop-isolate-user`` the child is a fresh interpreter started as
+that user, so it holds nothing of the grader's in memory; elsewhere (macOS, where forking a process
+with torch loaded is unsafe) too.
+
 It is still not a complete sandbox: the child can read what its user can read, use the network and
 exhaust the machine's memory. Grade untrusted submissions inside a container or VM (Gradescope's
 autograder is one). POSIX only.
@@ -41,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import gc
 import io
 import os
 import pickle
@@ -494,6 +504,7 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
     for fd in (requests_fd, replies_fd):
         os.set_inheritable(fd, False)  # programs the user's code starts do not get the kit's pipes
     torch.set_num_threads(1)  # tiny tensors: as in-process (pytest_backprop.problems.device.single_thread)
+    gc.freeze()  # torch's objects live to the end: full collections skip them (as the plugin does in-process)
 
     owner = os.getpid()
 
@@ -537,6 +548,74 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
 
 
 # --- the grader's side ---------------------------------------------------------------------------
+
+#: Whether a child without a user is forked from the grader (see the module docstring): Linux only.
+FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
+_TORCH_DEFAULT_SEED = 67280421310721  # what a fresh interpreter's torch.initial_seed() is
+
+
+class _Forked:
+    """The part of :class:`subprocess.Popen` that :class:`WarmChild` uses, for a forked child."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _status(self, flags: int) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped elsewhere: it is gone
+                self.returncode = -signal.SIGKILL
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._status(os.WNOHANG)
+
+    def wait(self) -> int:
+        code = self._status(0)
+        assert code is not None
+        return code
+
+
+def _fork_child(requests_fd: int, replies_fd: int, log_fd: int) -> _Forked:
+    """Fork the child, which becomes what ``python -c child_main(...)`` would have been: its own
+    session, stdin from /dev/null, stdout and stderr to ``log_fd``, only its two pipes open."""
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    try:  # the child: never return into the grader's code
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        keep = sorted((requests_fd, replies_fd))
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, _max_fd())
+        import faulthandler
+
+        faulthandler.disable()  # pytest's handler wrote to a descriptor that is closed now
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 -- the process's own standard streams
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+        torch.manual_seed(_TORCH_DEFAULT_SEED)
+        child_main(requests_fd, replies_fd)
+    finally:
+        _real_exit(1)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (OSError, ValueError):
+        return 4096
 
 _LIVE: "set[WarmChild]" = set()  # strong references: a child is never forgotten before it is closed
 
@@ -590,9 +669,12 @@ class WarmChild:
             uid, gid = resolve_user(user)
             kwargs = {"user": uid, "group": gid, "extra_groups": [], "umask": 0o077}
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=log_w,
-                                         stderr=log_w, pass_fds=(req_r, rep_w), start_new_session=True,
-                                         cwd=os.getcwd(), **kwargs)
+            if user is None and FORK:
+                self.proc = _fork_child(req_r, rep_w, log_w)
+            else:
+                self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=log_w,
+                                             stderr=log_w, pass_fds=(req_r, rep_w), start_new_session=True,
+                                             cwd=os.getcwd(), **kwargs)
         except (OSError, subprocess.SubprocessError) as exc:
             for fd in (self._req_w, self._rep_r):
                 os.close(fd)

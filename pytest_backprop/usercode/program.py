@@ -311,6 +311,8 @@ class Program:
 
     def __init__(self, units: list[UnitSource], tensors: Iterable[str], *, extra_names: Mapping[str, str] | None = None):
         self.tensors = tuple(tensors)
+        self._writes: dict[str, tuple[Statement, ...]] = {}
+        self._variables: dict[str, tuple[str, ...]] = {}
         self.units: list[Unit] = []
         self.statements: list[Statement] = []
         trees = [(u, _parse(u)) for u in units]
@@ -359,12 +361,18 @@ class Program:
 
     def writes_of(self, var: str) -> list[Statement]:
         """The statements that bind or modify ``var``, in program order (placeholders excluded)."""
-        return [s for s in self.statements if var in s.stores and s.kind not in ("placeholder", "autograd")]
+        if var not in self._writes:  # asked for every gradient after every run: the program never changes
+            self._writes[var] = tuple(s for s in self.statements if var in s.stores
+                                      and s.kind not in ("placeholder", "autograd"))
+        return list(self._writes[var])
 
     def variables_of(self, tensor: str) -> list[str]:
         """The variables that hold ``tensor``'s gradient: those the student's cmp calls name first, then ``d<name>``."""
-        named = [v for v, t in self.named.items() if t == tensor]
-        return named + [v for v, t in self.gradient_vars.items() if t == tensor and v not in named]
+        if tensor not in self._variables:
+            named = [v for v, t in self.named.items() if t == tensor]
+            self._variables[tensor] = tuple(named + [v for v, t in self.gradient_vars.items()
+                                                     if t == tensor and v not in named])
+        return list(self._variables[tensor])
 
     def read_not_written(self) -> list[str]:
         """Gradients the code reads (a later line uses them) but never writes under any of their

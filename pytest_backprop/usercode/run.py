@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import signal
 import threading
 import time
 import traceback
 from collections import Counter
+from itertools import repeat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -126,14 +128,20 @@ def guard_torch() -> Iterator[None]:
     import torch  # noqa: PLC0415
 
     targets = _guarded()
-    saved = [dict(vars(t)) for t in targets]
+    saved = [(tuple(vars(t)), tuple(vars(t).values())) for t in targets]
     dtype = torch.get_default_dtype()
     try:
         yield
     finally:
-        for target, before in zip(targets, saved):
-            now = vars(target)  # attributes added meanwhile stay: lazily imported submodules land here
-            for key, value in before.items():
+        for target, (keys, values) in zip(targets, saved):
+            now = vars(target)  # attributes added to modules stay: lazily imported submodules land there
+            if isinstance(target, type) and len(now) != len(keys):  # torch.Tensor.sum = ... shadows TensorBase's
+                for key in set(now) - set(keys):
+                    delattr(target, key)
+            # compared in C (thousands of attributes, twice per run); restored one by one only if any changed
+            if not any(map(operator.is_not, map(now.get, keys, repeat(_MISSING)), values)):
+                continue
+            for key, value in zip(keys, values):
                 if now.get(key, _MISSING) is not value:
                     try:
                         setattr(target, key, value)
