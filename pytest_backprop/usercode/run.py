@@ -9,9 +9,9 @@ import threading
 import time
 import traceback
 from collections import Counter
-from itertools import repeat
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Callable, Iterator
 
 
@@ -137,7 +137,10 @@ def guard_torch() -> Iterator[None]:
             now = vars(target)  # attributes added to modules stay: lazily imported submodules land there
             if isinstance(target, type) and len(now) != len(keys):  # torch.Tensor.sum = ... shadows TensorBase's
                 for key in set(now) - set(keys):
-                    delattr(target, key)
+                    try:
+                        delattr(target, key)
+                    except (AttributeError, TypeError):
+                        pass
             # compared in C (thousands of attributes, twice per run); restored one by one only if any changed
             if not any(map(operator.is_not, map(now.get, keys, repeat(_MISSING)), values)):
                 continue
