@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import html
 import io
 import json
@@ -374,8 +375,11 @@ def check_notebook(sources: list[str], argv: list[str] | None = None, *, progres
                 cmd.append(f"--backprop-{name}")
         stream = progress or sys.stdout
         errors = io.StringIO()
+        frozen = gc.get_freeze_count()
         with contextlib.redirect_stderr(errors):
             code = pytest.main(cmd, plugins=[_Progress(stream, not args.quiet)])
+        if not frozen:  # the plugin froze what was alive (pytest's session too): the kernel lives on
+            gc.unfreeze()
         if not report_path.is_file():
             raise MagicUsageError(f"pytest --backprop did not run (exit code {int(code)}): "
                                   + (errors.getvalue().strip() or "no report"))

@@ -126,7 +126,9 @@ class BackpropSession:
         if "torch" in sys.modules and gc.get_freeze_count() == 0:
             # What is alive now (torch's and hypothesis's modules, ~10^5 objects) lives to the end anyway;
             # frozen, the full collections of the run (pytest's at exit, hypothesis's first example) skip
-            # it instead of walking it for ~0.1 s each. (Someone else's freeze is left alone.)
+            # it instead of walking it for ~0.1 s each, and so does Python's own at exit. (Someone else's
+            # freeze is left alone.) Who runs pytest.main in a long-lived process calls gc.unfreeze()
+            # afterwards, so that the session's objects become collectable: %backprop does.
             gc.freeze()
 
     @pytest.hookimpl(hookwrapper=True)

@@ -257,7 +257,8 @@ def test_in_a_real_jupyter_kernel(tmp_path, monkeypatch, pytester):
                                                       os.environ.get("PYTHONPATH", "")]))
     raising = "%%backprop ex3\ndhprebn = bngain * bnvar_inv / n * (n * dhpreact - dhpreact.sum(0)) * undefined_factor"
     cells = ["%load_ext pytest_backprop", SETUP, "%%backprop\n" + WRONG_DPROBS, "%%backprop ex2\n" + nbdata.EX2,
-             "%%backprop ex3\n" + nbdata.EX3, raising, "%backprop --examples 0 --steps 2 --quiet --json magic.json"]
+             "%%backprop ex3\n" + nbdata.EX3, raising, "%backprop --examples 0 --steps 2 --quiet --json magic.json",
+             "import gc\nprint('FROZEN', gc.get_freeze_count())"]  # what the plugin froze is collectable again
     nb = new_notebook(cells=[new_code_cell(c) for c in cells])
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="backprop-test", allow_errors=True,
                                      resources={"metadata": {"path": str(tmp_path)}})
@@ -278,6 +279,7 @@ def test_in_a_real_jupyter_kernel(tmp_path, monkeypatch, pytester):
     raised = result(5)["text/plain"]
     assert "your cell raised when it ran: NameError" in raised and "ERROR [exception]" in raised
     assert any(o.output_type == "error" for o in nb.cells[5].outputs)  # the cell's own traceback, as usual
+    assert [o.text for o in nb.cells[-1].outputs if o.output_type == "stream"] == ["FROZEN 0\n"]
     magic = json.loads((tmp_path / "magic.json").read_text())
     cli = _pytest_json(pytester, tmp_path / "executed.ipynb", "--backprop-examples=0", "--backprop-steps=2")
     assert _rows(magic["checks"]) == _rows(cli["checks"])
