@@ -113,6 +113,7 @@ class Graded(dict):
             raise KeyError(key)
         if not self.futures:
             self.futures = {k: self.pool.submit(self._grade, k) for k in sorted(GRADED, key=lambda k: k != key)}
+            self.pool.shutdown(wait=False)  # its threads end with the last grade (a worker with threads never forks)
         self[key] = self.futures[key].result()
         return self[key]
 

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -414,11 +415,13 @@ def test_a_child_without_a_user_is_forked_and_starts_as_a_fresh_one_would(tmp_pa
     from pytest_backprop.usercode import isolate
 
     torch.manual_seed(1)  # the grader's generator state must not leak into the child
+    forked = isolate.can_fork()  # (False only if this worker has started threads since importing torch)
     impl = isolated(tmp_path, """
         import os, sys, torch
         fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+        same = open("/proc/self/cmdline", "rb").read() == open(f"/proc/{os.getppid()}/cmdline", "rb").read()
         print("FACTS", os.getppid(), os.getsid(0) == os.getpid(), len(fds), torch.initial_seed(),
-              torch.get_num_threads(), sys.stdout.fileno())
+              torch.get_num_threads(), sys.stdout.fileno(), same)
         dlogprobs = torch.zeros_like(logprobs)
     """)
     try:
@@ -428,5 +431,45 @@ def test_a_child_without_a_user_is_forked_and_starts_as_a_fresh_one_would(tmp_pa
     assert run.error is None
     facts = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("FACTS")).split()
     assert isolate.FORK
-    # the parent is this process; 0, 1, 2, the two pipes and the one listdir opens
-    assert facts[1:] == [str(os.getpid()), "True", "6", str(67280421310721), "1", "1"]
+    # the parent is this process; 0, 1, 2, the two pipes and the one listdir opens; a fork runs pytest's command line
+    assert facts[1:] == [str(os.getpid()), "True", "6", str(67280421310721), "1", "1", str(forked)]
+
+
+def test_a_process_with_new_threads_starts_a_fresh_interpreter():
+    """Forking is only done from a grader that started no thread since it imported torch."""
+    code = textwrap.dedent("""
+        import threading, time
+        from pytest_backprop.usercode import isolate
+        before = isolate.can_fork()
+        threading.Thread(target=time.sleep, args=(2,), daemon=True).start()
+        print(before, isolate.can_fork())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stderr
+
+
+def test_a_forked_child_never_runs_an_inherited_thread_pool(tmp_path, problem, monkeypatch):
+    """The grader's OpenMP threads have run; the child is forked anyway (as when the kit is imported
+    late, in a notebook kernel); the user's code asks for two threads and does a large parallel
+    operation: a forked child stays on one thread, so it answers instead of hanging."""
+    from pytest_backprop.usercode import isolate
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        big = torch.randn(1500, 1500)
+        (big @ big).sum(), big.exp().sum()  # the pool runs here
+        monkeypatch.setattr(isolate, "_THREADS_AT_IMPORT", 1 << 20)  # fork whatever threads exist
+        impl = isolated(tmp_path, EXAMPLE.read_text() + textwrap.dedent("""
+            torch.set_num_threads(2)
+            y = torch.randn(1500, 1500)
+            z = (y @ y).sum() + y.exp().sum()
+            print("THREADS", torch.get_num_threads())
+        """))
+        try:
+            run = impl.run("ex1", problem, 30)
+        finally:
+            impl.close()
+    finally:
+        torch.set_num_threads(before)
+    assert run.error is None and set(statuses(run, problem).values()) == {"pass"}

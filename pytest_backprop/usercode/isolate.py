@@ -28,14 +28,16 @@ happen in the grader, so:
   that unprivileged user: it cannot write the grader's files (results.json), signal or trace the
   grader, or change the installed kit, and every process of that user is killed at the end.
 
-How the child starts: without a user, on Linux, it is **forked** from the grader, which has torch
-imported already (a ready child in milliseconds instead of a second Python importing torch for
-2-3 s of CPU); the child then resets what a fresh interpreter would have (its own session, stdout and
-stderr to its log file, no other file descriptors, torch's default seed, one thread). Running as
-the grader's own user it could read the grader's files anyway, so sharing the grader's memory image
-gives it nothing new. With ``--backprop-isolate-user`` the child is a fresh interpreter started as
-that user, so it holds nothing of the grader's in memory; elsewhere (macOS, where forking a process
-with torch loaded is unsafe) too.
+How the child starts: without a user, on Linux, and from a grader that has started no thread since
+it imported torch (:func:`can_fork`), the child is **forked** from the grader, which has torch
+imported already: ready in milliseconds instead of a second Python importing torch for 2-3 s of CPU.
+The child then resets what a fresh interpreter would have: its own session, stdout and stderr to its
+log file, no other file descriptors, torch's default seed, and one thread, which it keeps
+(``torch.set_num_threads`` does nothing there: an OpenMP pool that ran in the grader would hang the
+child's first parallel region). Running as the grader's own user it could read the grader's files
+anyway, so sharing the grader's memory image gives it nothing new. With ``--backprop-isolate-user``
+the child is a fresh interpreter started as that user, holding nothing of the grader's in memory;
+elsewhere (macOS, where forking a process with torch loaded is unsafe) too.
 
 It is still not a complete sandbox: the child can read what its user can read, use the network and
 exhaust the machine's memory. Grade untrusted submissions inside a container or VM (Gradescope's
@@ -549,9 +551,32 @@ def child_main(requests_fd: int, replies_fd: int) -> None:
 
 # --- the grader's side ---------------------------------------------------------------------------
 
-#: Whether a child without a user is forked from the grader (see the module docstring): Linux only.
+#: Whether a child without a user may be forked from the grader (see the module docstring): Linux only.
 FORK = sys.platform.startswith("linux") and hasattr(os, "fork")
 _TORCH_DEFAULT_SEED = 67280421310721  # what a fresh interpreter's torch.initial_seed() is
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1 << 30  # unknown: never fork
+
+
+_THREADS_AT_IMPORT = _thread_count()  # torch is imported: what it started is there already
+
+
+def can_fork() -> bool:
+    """Whether the next child is forked: :data:`FORK`, and no thread started since torch was
+    imported. A thread pool that has run in the grader (OpenMP's, after its first large parallel
+    operation) makes a forked child hang at its own first parallel region (measured: a child doing a
+    2000x2000 matmul never answered), so such a grader starts a fresh interpreter instead.
+
+    Example::
+
+        can_fork()   # True in a fresh pytest process; False once OpenMP's threads exist
+    """
+    return FORK and _thread_count() <= _THREADS_AT_IMPORT
 
 
 class _Forked:
@@ -605,10 +630,17 @@ def _fork_child(requests_fd: int, replies_fd: int, log_fd: int) -> _Forked:
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
         torch.manual_seed(_TORCH_DEFAULT_SEED)
+        torch.set_num_threads(1)
+        torch.set_num_threads = _one_thread  # an OpenMP pool inherited from the grader must never run here
         child_main(requests_fd, replies_fd)
     finally:
         _real_exit(1)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _one_thread(count: int) -> None:
+    """``torch.set_num_threads`` in a forked child: it stays on one thread (if the grader's OpenMP
+    threads ever ran before the fork, a parallel region in the child would wait for them forever)."""
 
 
 def _max_fd() -> int:
@@ -669,7 +701,7 @@ class WarmChild:
             uid, gid = resolve_user(user)
             kwargs = {"user": uid, "group": gid, "extra_groups": [], "umask": 0o077}
         try:
-            if user is None and FORK:
+            if user is None and can_fork():
                 self.proc = _fork_child(req_r, rep_w, log_w)
             else:
                 self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=log_w,
