@@ -284,6 +284,8 @@ def test_judged_gives_tolerances_only_to_the_gradients_compared(problem):
 
     some = problem_from_batch(problem.config, problem.params, problem.Xb, problem.Yb, judged=("W1", "b1"))
     assert set(some.tolerances) == {"W1", "b1"}
+    once = problem_from_batch(problem.config, problem.params, problem.Xb, problem.Yb, judged=iter(("W1", "b1")))
+    assert set(once.tolerances) == {"W1", "b1"}  # any iterable, read once
     assert some.tolerances["W1"] == problem.tolerances["W1"] and some.tolerances["b1"] == problem.tolerances["b1"]
     assert reference_of(some.grads["W1"]) is not None and reference_of(some.grads["probs"]) is None
     for name in problem.grads:

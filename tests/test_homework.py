@@ -94,6 +94,8 @@ class Graded(dict):
     def __init__(self, tmp_path_factory, upload: Path, strict_upload: Path):
         super().__init__()
         self.tmp_path_factory, self.upload, self.strict_upload = tmp_path_factory, upload, strict_upload
+        # the grades run beside other tests, which may change the environment meanwhile
+        self.env = {k: v for k, v in os.environ.items() if k not in NO_SANDBOX}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="graded")
         self.futures: dict[str, Future] = {}
 
@@ -102,9 +104,10 @@ class Graded(dict):
             if key == "notebook":
                 from data.notebooks import lecture_notebook, write
 
-                return grade(self.upload, folder, path=write(lecture_notebook(), folder / "makemore_part4_backprop.ipynb"))
+                return grade(self.upload, folder, path=write(lecture_notebook(), folder / "makemore_part4_backprop.ipynb"),
+                             env=self.env)
             source = {"template": TEMPLATE, "solution": SOLUTION}.get(key, ONE_MISTAKE)
-            return grade(self.strict_upload if key == "one_mistake_strict" else self.upload, folder, source)
+            return grade(self.strict_upload if key == "one_mistake_strict" else self.upload, folder, source, env=self.env)
 
         return once_per_run(self.tmp_path_factory, f"graded-{key}", run)
 

@@ -169,6 +169,7 @@ def test_monkeypatching_torch_in_process_is_undone(problem, tmp_path):
     torch.testing.assert_close = lambda *a, **k: None
     torch.equal = lambda *a, **k: True
     torch.Tensor.sum = lambda *a, **k: torch.tensor(0.0)  # a new attribute shadowing TensorBase.sum
+    del torch.Tensor.__repr__  # and one removed in the same run
     torch.nn.functional.softmax = None
     dlogprobs = torch.zeros_like(logprobs)
     """
@@ -176,6 +177,7 @@ def test_monkeypatching_torch_in_process_is_undone(problem, tmp_path):
     assert verdicts["logprobs"].status == "fail"
     assert not torch.allclose(torch.zeros(1), torch.ones(1)) and not torch.equal(torch.zeros(1), torch.ones(1))
     assert float(torch.ones(3).sum()) == 3.0 and "sum" not in vars(torch.Tensor)
+    assert "__repr__" in vars(torch.Tensor) and repr(torch.ones(1)) == "tensor([1.])"
     assert torch.nn.functional.softmax(torch.zeros(2), 0).tolist() == [0.5, 0.5]
 
 

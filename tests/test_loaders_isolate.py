@@ -415,7 +415,6 @@ def test_a_child_without_a_user_is_forked_and_starts_as_a_fresh_one_would(tmp_pa
     from pytest_backprop.usercode import isolate
 
     torch.manual_seed(1)  # the grader's generator state must not leak into the child
-    forked = isolate.can_fork()  # (False only if this worker has started threads since importing torch)
     impl = isolated(tmp_path, """
         import os, sys, torch
         fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
@@ -424,6 +423,7 @@ def test_a_child_without_a_user_is_forked_and_starts_as_a_fresh_one_would(tmp_pa
               torch.get_num_threads(), sys.stdout.fileno(), same)
         dlogprobs = torch.zeros_like(logprobs)
     """)
+    forked = isinstance(impl._child.proc, isolate._Forked)  # (not if this worker has started threads)
     try:
         run = impl.run("ex1", problem, 10)
     finally:
@@ -473,3 +473,26 @@ def test_a_forked_child_never_runs_an_inherited_thread_pool(tmp_path, problem, m
     finally:
         torch.set_num_threads(before)
     assert run.error is None and set(statuses(run, problem).values()) == {"pass"}
+
+
+def test_a_grader_without_standard_input_still_gets_its_answers_and_prints(tmp_path):
+    """With fd 0 closed the child's log or a pipe takes it; such a child is started fresh, not forked
+    (a fork would replace that descriptor with its own standard input)."""
+    student = tmp_path / "student.py"
+    student.write_text(EXAMPLE.read_text() + "\nprint('HELLO FROM THE STUDENT')\n")
+    code = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        os.close(0)
+        from pytest_backprop.problems.instance import build_problem, resolve_words
+        from pytest_backprop.usercode.isolate import IsolatedImplementation
+        problem = build_problem(resolve_words(None))
+        impl = IsolatedImplementation({str(student)!r}, Path({str(tmp_path)!r}), 60)
+        try:
+            run = impl.run("ex1", problem, 60)
+        finally:
+            impl.close()
+        print("ANSWERS", run.error, len(run.grads))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "ANSWERS None 26" in out.stdout and "HELLO FROM THE STUDENT" in out.stdout, out.stdout + out.stderr

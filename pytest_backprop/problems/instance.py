@@ -104,7 +104,8 @@ def truths_and_tolerances(spec: ProblemSpec, inputs: Mapping[str, Any], dtype: t
     truth is computed: ``truth64`` is then the ``dtype`` truth (for runs that only need the forward
     values, as ``backprop-train --impl``).
     """
-    names = spec.order if judged is None else tuple(n for n in spec.order if n in set(judged))
+    wanted = None if judged is None else set(judged)
+    names = spec.order if wanted is None else tuple(n for n in spec.order if n in wanted)
     truth32 = spec.truth(inputs, dtype=torch.float32) if dtype != torch.float32 and names else None
     truth = spec.truth(inputs, dtype=dtype)
     truth64 = spec.truth(inputs, dtype=torch.float64) if dtype != torch.float64 and names else truth

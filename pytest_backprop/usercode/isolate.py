@@ -35,7 +35,8 @@ The child then resets what a fresh interpreter would have: its own session, stdo
 log file, no other file descriptors, torch's default seed, and one thread, which it keeps
 (``torch.set_num_threads`` does nothing there: an OpenMP pool that ran in the grader would hang the
 child's first parallel region). Running as the grader's own user it could read the grader's files
-anyway, so sharing the grader's memory image gives it nothing new. With ``--backprop-isolate-user``
+anyway; it also inherits the grader's memory image (its modules, and truths computed before it was
+forked), which is why a sandbox user never gets a forked child. With ``--backprop-isolate-user``
 the child is a fresh interpreter started as that user, holding nothing of the grader's in memory;
 elsewhere (macOS, where forking a process with torch loaded is unsafe) too.
 
@@ -701,7 +702,7 @@ class WarmChild:
             uid, gid = resolve_user(user)
             kwargs = {"user": uid, "group": gid, "extra_groups": [], "umask": 0o077}
         try:
-            if user is None and can_fork():
+            if user is None and can_fork() and min(req_r, rep_w, log_w) > 2:  # (0-2 are the child's own)
                 self.proc = _fork_child(req_r, rep_w, log_w)
             else:
                 self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=log_w,

@@ -135,8 +135,8 @@ def guard_torch() -> Iterator[None]:
     finally:
         for target, (keys, values) in zip(targets, saved):
             now = vars(target)  # attributes added to modules stay: lazily imported submodules land there
-            if isinstance(target, type) and len(now) != len(keys):  # torch.Tensor.sum = ... shadows TensorBase's
-                for key in set(now) - set(keys):
+            if isinstance(target, type) and now.keys() != set(keys):  # torch.Tensor.sum = ... shadows TensorBase's
+                for key in now.keys() - set(keys):
                     try:
                         delattr(target, key)
                     except (AttributeError, TypeError):
